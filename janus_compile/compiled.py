@@ -1,0 +1,133 @@
+"""`janus_compile.compile`: capture without Dynamo, and the compiled model it returns.
+
+`CompiledMLIP` behaves like the eager model (same E, F, σ; ``loss.backward()`` gives
+the same parameter gradients, the double backward running through the explicit force
+graph) and also offers `train_step`, which runs the joint graph: the whole training
+step as one first-order graph, the form the pipeline passes cut into stages.
+
+Graphs are valid for every batch size their guards admit; a batch outside them (say,
+the example had one structure and the trace assumed so) triggers a new capture,
+never a run on sizes a graph was not valid for.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .data.batch import REQUIRED_FIELDS, AtomsBatch
+from .dump import dump_graphs
+from .errors import JanusError
+from .losses import EnergyForceLoss
+from .options import JanusOptions
+from .passes.capture import ForceGraph, capture_force_graph
+from .passes.joint import JointGraph, LossFn, build_joint_graph
+
+log = logging.getLogger(__name__)
+
+
+class CompiledMLIP(nn.Module):
+    """A conservative MLIP whose energy, force and training graphs are explicit."""
+
+    def __init__(self, model: nn.Module, options: JanusOptions, loss: Optional[LossFn] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.options = options
+        self.loss = loss if loss is not None else EnergyForceLoss()
+        self._force_graphs: List[ForceGraph] = []
+        self._joint_graphs: List[JointGraph] = []
+        self._dumped = False
+
+    # -- graph selection -----------------------------------------------------------------
+    def force_graph(self, batch: AtomsBatch) -> ForceGraph:
+        sizes = size_values_from_batch(batch)
+        for graph in self._force_graphs:
+            if not graph.guards.violated(sizes) and graph.batch_fields == _present_fields(batch):
+                return graph
+        if self._force_graphs:
+            log.info("batch sizes %s are outside the captured graphs' guards: capturing again", sizes)
+        graph = capture_force_graph(self.model, batch)
+        self._force_graphs.append(graph)
+        return graph
+
+    def joint_graph(self, batch: AtomsBatch) -> JointGraph:
+        if hasattr(self.loss, "check"):
+            self.loss.check(batch)
+        sizes = size_values_from_batch(batch)
+        targets = [f for f in ("energy", "forces", "stress") if getattr(batch, f) is not None]
+        for graph in self._joint_graphs:
+            if not graph.guards.violated(sizes) and graph.target_fields == targets:
+                return graph
+        fg = self.force_graph(batch)
+        graph = build_joint_graph(fg, dict(self.model.named_parameters()), dict(self.model.named_buffers()), batch, self.loss)
+        self._joint_graphs.append(graph)
+        if self.options.dump_dir and not self._dumped:
+            dump_graphs(self.options.dump_dir, fg, graph)
+            self._dumped = True
+        return graph
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, batch: AtomsBatch) -> Dict[str, torch.Tensor]:
+        """E, F (σ) through the explicit force graph, differentiable for training."""
+        graph = self.force_graph(batch)
+        return graph(dict(self.model.named_parameters()), dict(self.model.named_buffers()), batch)
+
+    def train_step(self, batch: AtomsBatch, accumulate: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Loss and outputs of one step; parameter gradients added to ``.grad``."""
+        graph = self.joint_graph(batch)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            loss, outputs, grads = graph(params, dict(self.model.named_buffers()), batch)
+            for name, g in grads.items():
+                p = params[name]
+                if p.grad is None or not accumulate:
+                    p.grad = g.clone()
+                else:
+                    p.grad.add_(g)
+        return loss, outputs
+
+
+def _present_fields(batch: AtomsBatch) -> List[str]:
+    return [f for f in REQUIRED_FIELDS if getattr(batch, f) is not None]
+
+
+def size_values_from_batch(batch: AtomsBatch) -> Dict[str, int]:
+    sizes = {}
+    if batch.positions is not None:
+        sizes["atoms"] = batch.num_atoms
+    if batch.edge_index is not None:
+        sizes["edges"] = batch.num_edges
+    if batch.cell is not None:
+        sizes["structures"] = batch.num_structures
+    return sizes
+
+
+def compile(
+    model: nn.Module,
+    example_batch: Optional[AtomsBatch] = None,
+    loss: Optional[LossFn] = None,
+    **options: Any,
+) -> CompiledMLIP:
+    """Capture ``model`` without Dynamo (works for models Dynamo cannot trace, e.g. e3nn).
+
+    ``options`` are the backend options (stages, chunks, microbatches, schedule,
+    dump_dir). With an ``example_batch`` the graphs are captured now (and dumped);
+    otherwise on the first call.
+    """
+    opts = JanusOptions.from_mapping(options)
+    if opts.pipelined:
+        raise JanusError(
+            f"stages={opts.stages}, chunks={opts.chunks}: pipeline execution is not available in "
+            "this version yet; compile with stages=1, chunks=1 (the default) for single-process training"
+        )
+    compiled = CompiledMLIP(model, opts, loss)
+    if example_batch is not None:
+        compiled.force_graph(example_batch)
+        required = getattr(compiled.loss, "required_targets", lambda: ("energy", "forces"))()
+        if all(getattr(example_batch, t) is not None for t in required):
+            compiled.joint_graph(example_batch)
+        elif opts.dump_dir:
+            dump_graphs(opts.dump_dir, compiled._force_graphs[0], None)
+    return compiled

@@ -1,0 +1,54 @@
+"""Options of the `januspipe` backend and of `janus_compile.compile`, checked up front."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+from .errors import JanusError
+
+SCHEDULES = ("wavek", "1f1b", "hanayo", "gpipe")
+
+
+class OptionsError(JanusError, ValueError):
+    """An option has an unknown name or a value out of range."""
+
+
+@dataclass
+class JanusOptions:
+    """What the user can set; see docs/usage.md.
+
+    stages (P), chunks per stage (K) and microbatches (M) describe the pipeline;
+    ``dump_dir`` (or env ``JANUSPIPE_DUMP``) receives every intermediate artefact.
+    """
+
+    stages: int = 1
+    chunks: int = 1
+    microbatches: int = 1
+    schedule: str = "wavek"
+    dump_dir: Optional[str] = None
+
+    @staticmethod
+    def from_mapping(options: Optional[Mapping[str, Any]]) -> "JanusOptions":
+        options = dict(options or {})
+        known = {f.name for f in fields(JanusOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionsError(f"unknown januspipe option(s) {unknown}; known options: {sorted(known)}")
+        opts = JanusOptions(**options)
+        if opts.dump_dir is None and os.environ.get("JANUSPIPE_DUMP"):
+            opts.dump_dir = os.environ["JANUSPIPE_DUMP"]
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        for name in ("stages", "chunks", "microbatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise OptionsError(f"option {name!r} must be a positive integer, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise OptionsError(f"option 'schedule' must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    @property
+    def pipelined(self) -> bool:
+        return self.stages * self.chunks > 1

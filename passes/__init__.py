@@ -1,0 +1,1 @@
+"""Compiler passes: capture, joint, (cost, symfold, split, wavek): one pass per module."""

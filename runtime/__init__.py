@@ -1,0 +1,1 @@
+"""Pipeline runtime (programs, executor, launch); see docs/architecture.md."""
