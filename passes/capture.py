@@ -21,12 +21,15 @@ from ..data.batch import REQUIRED_FIELDS, AtomsBatch
 from ..errors import (
     CaptureError,
     DataDependentControlFlowError,
+    NoDoubleBackwardError,
     NotConservativeError,
     ScriptedModuleError,
 )
-from .fake_inputs import FIELD_DIM, SizeGuards, batch_sizes, fake_input, new_fake_mode
+from .fake_inputs import FIELD_DIM, SizeGuards, annotate_named_shapes, batch_sizes, fake_input, new_fake_mode
 from .labels import MODULE, PHASE
 from .tracing import (
+    GRAD_ENABLED,
+    GRAD_FN,
     LabelState,
     downstream_of_backward_is_backward,
     labelling,
@@ -200,12 +203,14 @@ def capture_force_graph(
             raise translated from exc
         raise CaptureError(f"capture failed at {_user_frame(exc)}: {type(exc).__name__}: {exc}") from exc
 
+    _check_twice_differentiable(gm.graph)
     link_backward_nodes(gm.graph, state)
     downstream_of_backward_is_backward(gm.graph)
     removed = remove_autograd_detaches(gm)
     names = [f"param_{n}" for n in param_names] + [f"buffer_{n}" for n in buffer_names] + list(fields)
     _rename_placeholders(gm, names)
     guards = SizeGuards.from_trace(mode.shape_env, input_symbols)
+    annotate_named_shapes(gm.graph, mode.shape_env, guards)
     graph = ForceGraph(gm, param_names, buffer_names, fields, output_names, guards)
     _check_conservative(graph)
     log.info(
@@ -216,6 +221,27 @@ def capture_force_graph(
         {k: str(v) for k, v in guards.symbols.items()},
     )
     return graph
+
+
+def _check_twice_differentiable(graph: fx.Graph) -> None:
+    """Backward code that ran with grad mode off cannot be differentiated again.
+
+    With ``create_graph=True`` the autograd engine runs backward formulas with grad
+    mode on; a custom autograd.Function marked ``once_differentiable`` runs its backward
+    with it off. Eager PyTorch then fails at ``loss.backward()``; a captured graph would
+    silently differentiate it anyway, so refuse it here.
+    """
+    backward = [n for n in graph.nodes if GRAD_ENABLED in n.meta]
+    if not any(n.meta[GRAD_ENABLED] for n in backward):
+        return  # captured for inference (create_graph=False): nothing to differentiate twice
+    for n in backward:
+        if not n.meta[GRAD_ENABLED]:
+            raise NoDoubleBackwardError(
+                f"the backward of {n.meta.get(GRAD_FN)} (op {n.target}, module "
+                f"{n.meta.get(MODULE) or '<root>'!r}) is not differentiable (once_differentiable "
+                "or computed under no_grad), so forces from it cannot be trained: give that "
+                "autograd.Function a backward made of differentiable torch ops, or replace it by plain torch ops."
+            )
 
 
 def _check_conservative(graph: ForceGraph) -> None:

@@ -116,3 +116,31 @@ def batch_sizes(fields: Sequence[str], tensors: Sequence[torch.Tensor]) -> Dict[
             dim, size = FIELD_DIM[name]
             sizes.setdefault(size, int(t.shape[dim]))
     return sizes
+
+
+SHAPE = "shape"  # node.meta key: tuple of sympy expressions in atoms/edges/structures
+DTYPE = "dtype"
+NAMED_SYMBOLS = {name: sympy.Symbol(name, integer=True, positive=True) for name in SIZE_NAMES}
+
+
+def annotate_named_shapes(graph, shape_env: ShapeEnv, guards: SizeGuards) -> None:
+    """Write every tensor node's shape as sympy expressions of atoms, edges, structures.
+
+    Later passes (cost model, partition tables) read ``meta["shape"]`` and
+    ``meta["dtype"]`` instead of the trace's internal symbols.
+    """
+    rename = {v: NAMED_SYMBOLS[k] for k, v in guards.symbols.items() if isinstance(v, sympy.Symbol)}
+
+    def named(size) -> sympy.Expr:
+        if isinstance(size, torch.SymInt):
+            return shape_env.replace(size.node.expr).xreplace(rename)
+        return sympy.Integer(int(size))
+
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            node.meta[SHAPE] = tuple(named(s) for s in val.shape)
+            node.meta[DTYPE] = val.dtype
+        elif isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
+            node.meta[SHAPE] = [tuple(named(s) for s in v.shape) for v in val]
+            node.meta[DTYPE] = [v.dtype for v in val]

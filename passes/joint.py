@@ -19,7 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..data.batch import TARGET_FIELDS, AtomsBatch
 from ..errors import CaptureError, NoDoubleBackwardError
 from .capture import ForceGraph, _rename_placeholders, _translate_error, _user_frame
-from .fake_inputs import FIELD_DIM, SizeGuards, fake_input, new_fake_mode
+from .fake_inputs import FIELD_DIM, SizeGuards, annotate_named_shapes, fake_input, new_fake_mode
 from .labels import BACKWARD_OF, FORWARD_NODE, IS_LOSS, MODULE, PHASE
 from .tracing import LabelState, labelling, link_backward_nodes, remove_autograd_detaches
 
@@ -151,6 +151,7 @@ def build_joint_graph(
     )
     _rename_placeholders(gm, names)
     guards = SizeGuards.from_trace(mode.shape_env, input_symbols)
+    annotate_named_shapes(gm.graph, mode.shape_env, guards)
     log.info("joint graph: %d nodes", len(gm.graph.nodes))
     return JointGraph(gm, fg.param_names, fg.buffer_names, fg.batch_fields, targets, fg.output_names, guards)
 
@@ -184,8 +185,10 @@ def _finish_labels(graph: fx.Graph) -> None:
     for n in graph.nodes:
         if n.op == "call_function" and n.meta.get(IS_LOSS):
             n.meta[MODULE] = "loss"
-            depends_on_g = any(m.meta.get(PHASE) == "G" for m in n.all_input_nodes)
-            n.meta[PHASE] = "G" if depends_on_g else "F"
+            g_inputs = [m for m in n.all_input_nodes if m.meta.get(PHASE) == "G"]
+            n.meta[PHASE] = "G" if g_inputs else "F"
+            if g_inputs:  # a loss on forces sits where the forces are: fold it like them
+                n.meta[FORWARD_NODE] = g_inputs[0].meta.get(FORWARD_NODE)
     for n in graph.nodes:
         if n.op == "call_function" and n.meta.get(PHASE) == _PENDING:
             target = by_name.get(n.meta.get(FORWARD_NODE))

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 _DETACH_NAMES = {"detach", "detach_"}
 _BACKWARD_SEQ = "_backward_seq"
+GRAD_ENABLED = "grad_enabled"  # was grad mode on when the autograd engine ran this node?
+GRAD_FN = "grad_fn"  # name of the autograd node whose backward produced this node
 
 
 @dataclass
@@ -119,6 +121,8 @@ class _DispatchLabeller(TorchDispatchMode):
                 node.meta[MODULE] = state.module_stack[-1]
             if in_backward:
                 node.meta[_BACKWARD_SEQ] = grad_node._sequence_nr()
+                node.meta[GRAD_ENABLED] = torch.is_grad_enabled()
+                node.meta[GRAD_FN] = type(grad_node).__name__
             if func is torch.ops.aten.detach.default and state.user_detach == 0:
                 node.meta[AUTOGRAD_DETACH] = True
         return out

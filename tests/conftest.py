@@ -1,4 +1,51 @@
-import sys
-from pathlib import Path
+"""Shared test helpers: random labelled structures and exact comparisons with eager."""
+from __future__ import annotations
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from janus_compile.data import atoms_to_batch
+
+CUTOFF = 3.5
+
+
+def random_structures(seed: int, n_structures: int, atoms_range=(3, 9), periodic: bool = True):
+    """Random periodic (or molecular) structures with random labels, for exactness tests."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_structures):
+        n = int(rng.integers(atoms_range[0], atoms_range[1] + 1))
+        if periodic:
+            cell = np.diag(rng.uniform(3.5, 5.0, size=3)) + rng.uniform(-0.4, 0.4, size=(3, 3))
+            frac = rng.uniform(size=(n, 3))
+            atoms = Atoms(numbers=rng.integers(1, 30, size=n), scaled_positions=frac, cell=cell, pbc=True)
+        else:
+            atoms = Atoms(numbers=rng.integers(1, 30, size=n), positions=rng.uniform(0, 3.0, size=(n, 3)))
+        atoms.info["energy"] = float(rng.normal())
+        atoms.arrays["forces"] = rng.normal(size=(n, 3))
+        atoms.info["stress"] = rng.normal(size=6) * 0.01
+        out.append(atoms)
+    return out
+
+
+def random_batch(seed: int, n_structures: int = 3, dtype=torch.float64, **kw):
+    return atoms_to_batch(random_structures(seed, n_structures, **kw), cutoff=CUTOFF, dtype=dtype)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """max |a - e| <= rel * max |e| (a relative error on the tensor's scale)."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * max(scale, 1e-300), f"{what}: max abs error {err:.3e} > {rel:g} x scale {scale:.3e}"
+
+
+# Test graphs are tiny: one thread avoids oversubscribing the 2-core CI machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JANUSPIPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("JANUSPIPE_DUMP", raising=False)

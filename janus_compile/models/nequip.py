@@ -35,22 +35,29 @@ then stays as plain ``torch.fx.GraphModule`` s / Python functions.
 Symbolic sizes
 --------------
 Atoms N, edges E and structures S stay symbolic in a ``make_fx(tracing_mode="symbolic")``
-graph (see ``tests/test_nequip.py``). The one place where a concrete size could leak in
-is the convolution's tensor product: e3nn's generated code broadcasts ``x1``, ``x2`` and
-the weights with ``expand(torch.broadcast_tensors(...)[0].shape[:-1] + (-1,))``; if the
-weights are given without an explicit per-edge leading dimension (e.g. shared weights,
-or weights whose leading dim only matches by broadcasting), that broadcast shape can be
-baked in as a Python int. We therefore always feed the tensor product operands that
-already have the same explicit ``[E, ...]`` leading dimension: ``x[j]``, ``Y(r_ij)`` and
-per-edge weights ``[E, weight_numel]`` straight from the radial MLP
-(``shared_weights=False, internal_weights=False``). No code here calls ``int()`` /
-``.item()`` on a size or on data, and no branch depends on tensor values.
+graph; ``tests/test_nequip.py`` traces on one batch and replays the graph on batches with
+other N, E and S (including S = 1) against eager. With e3nn 0.6.0 / torch 2.13 no size
+was found specialised (the only shape guard is on the fixed Cartesian dimension, 3 > 2).
+The risky spot is the convolution's tensor product: e3nn's generated code broadcasts its
+operands with ``expand(torch.broadcast_tensors(x1[..., :1], x2[..., :1], w[..., :1])[0]
+.shape[:-1] + (-1,))``, so a leading size must come from a symbolic input dimension, not
+from broadcasting against a size-1 or missing one. As a precaution every operand already
+carries the same explicit edge dimension: ``x[j]`` and ``Y(r_ij)`` are ``[E, ...]`` and
+the weights are ``[E, weight_numel]`` straight from the radial MLP (``shared_weights=False,
+internal_weights=False``). No code here calls ``int()`` / ``.item()`` on a size or on
+data, and no branch depends on tensor values (the only ``if`` s depend on irreps fixed at
+construction).
+
+e3nn's ``nn.Gate`` (via ``nn.Extract``) fills fresh ``new_zeros`` buffers with ``copy_``;
+those buffers do not require grad before the copy, so autograd (and double backward) is
+unaffected, but the captured aten graph does contain ``copy_`` nodes (as does any
+captured backward).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import e3nn
 import torch
@@ -237,8 +244,9 @@ class NequIPInteraction(nn.Module):
     ) -> torch.Tensor:
         sc = self.self_connection(x)
         h = self.linear_1(x)
-        # Per-edge weights [E, weight_numel]: with x[j] and Y both [E, ...] the TP's
-        # internal broadcast sees one explicit (symbolic) leading dim for all operands.
+        # Per-edge weights [E, weight_numel]: with x[j] and Y also [E, ...], e3nn's internal
+        # broadcast/expand takes its leading size from one explicit symbolic dim E shared by
+        # all three operands (never a size-1/missing dim broadcast up; see module docstring).
         weights = self.radial(edge_embedding)
         messages = self.tp(h[sender], edge_sh, weights)
         # Out-of-place index_add onto fresh zeros: [N, dim] with N symbolic.

@@ -212,7 +212,7 @@ def schnetpack_model(
     list must be built with the same `cutoff` (the cosine cutoff zeroes longer edges).
     Parameters are created in the default dtype; call ``.double()`` for float64.
     """
-    spk = import_schnetpack()
+    import_schnetpack()
     import schnetpack.atomistic as atm
     import schnetpack.nn as snn
     from schnetpack.model import NeuralNetworkPotential
