@@ -1,0 +1,135 @@
+"""``januspipe`` command line: demo, train, inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _model(args) -> torch.nn.Module:
+    from .models import build_model
+
+    kwargs = {"cutoff": args.cutoff, "num_interactions": args.layers}
+    if args.model in ("schnet", "painn"):
+        kwargs["hidden"] = args.hidden
+    torch.manual_seed(args.seed)
+    return build_model(args.model, **kwargs).to(DTYPES[args.dtype]).train()
+
+
+def _add_model_args(p: argparse.ArgumentParser, model: str = "schnet") -> None:
+    p.add_argument("--model", default=model, choices=["schnet", "painn", "nequip"])
+    p.add_argument("--hidden", type=int, default=32, help="feature width (schnet, painn)")
+    p.add_argument("--layers", type=int, default=3, help="interaction blocks")
+    p.add_argument("--cutoff", type=float, default=4.5, help="neighbour cutoff in Å")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dump-dir", default=None, help="write graphs and summaries here (or set JANUSPIPE_DUMP)")
+
+
+def _train_and_report(args, structures) -> int:
+    import janus_compile
+
+    from .losses import EnergyForceLoss
+    from .training import make_batches, train
+
+    batches = make_batches(structures, args.batch_size, args.cutoff, DTYPES[args.dtype], args.seed)
+    model = _model(args)
+    loss = EnergyForceLoss(energy_weight=1.0, force_weight=args.force_weight, stress_weight=args.stress_weight)
+    compiled = janus_compile.compile(model, batches[0], loss=loss, dump_dir=args.dump_dir)
+    print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters())} parameters, {len(structures)} structures "
+        f"in {len(batches)} batches; joint graph captured once ({len(compiled._joint_graphs[0].gm.graph.nodes)} nodes)"
+    )
+    history = train(compiled, batches, args.epochs, lr=args.lr, checkpoint=args.checkpoint, resume=getattr(args, "resume", False))
+    print(f"{'epoch':>5} {'loss':>10} {'E MAE meV/atom':>15} {'F MAE meV/Å':>12} {'structures/s':>13}")
+    for s in history:
+        print(f"{s.epoch:>5} {s.loss:>10.4g} {1000 * s.energy_mae_per_atom:>15.2f} {1000 * s.force_mae:>12.1f} {s.structures_per_s:>13.1f}")
+    if len(history) >= 2:
+        trend = "went down" if history[-1].loss < history[0].loss else "did NOT go down"
+        print(f"loss {trend}: {history[0].loss:.4g} -> {history[-1].loss:.4g}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .data import emt_dataset
+
+    print("generating (or reading cached) EMT data set: Cu, Al and CuAl, rattled, strained and MD snapshots ...")
+    structures = emt_dataset("cu-al", num_structures=args.structures, seed=args.seed, size=(8, 16))
+    return _train_and_report(args, structures)
+
+
+def cmd_train(args) -> int:
+    from .data import read_extxyz
+
+    structures = read_extxyz(args.data, require_labels=True)
+    return _train_and_report(args, structures)
+
+
+def cmd_inspect(args) -> int:
+    import janus_compile
+
+    from .data import atoms_to_batch, emt_dataset, read_extxyz
+    from .dump import summary
+
+    structures = read_extxyz(args.data, index=":2") if args.data else emt_dataset("cu-al", num_structures=2, seed=args.seed)
+    batch = atoms_to_batch(structures, cutoff=args.cutoff, dtype=DTYPES[args.dtype])
+    dump_dir = args.dump_dir or "januspipe_dump"
+    compiled = janus_compile.compile(_model(args), batch, dump_dir=dump_dir)
+    print(json.dumps(summary(compiled._force_graphs[0], compiled._joint_graphs[0])["joint_graph"]["nodes_per_phase"]))
+    print(f"wrote joint_graph.py, joint_graph.dot, summary.json (and more) to {dump_dir}/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="januspipe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def training_args(p):
+        p.add_argument("--epochs", type=int, default=8)
+        p.add_argument("--batch-size", type=int, default=4, help="structures per batch")
+        p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--force-weight", type=float, default=10.0)
+        p.add_argument("--stress-weight", type=float, default=0.0)
+        p.add_argument("--checkpoint", default=None, help="write an (atomic) checkpoint here after each epoch")
+
+    demo = sub.add_parser("demo", help="train a reference model on built-in EMT data (single process, compiled)")
+    _add_model_args(demo)
+    training_args(demo)
+    demo.add_argument("--structures", type=int, default=32)
+    demo.set_defaults(func=cmd_demo)
+
+    tr = sub.add_parser("train", help="train on a labelled extxyz file (single process, compiled)")
+    tr.add_argument("data", help="extxyz file with energy and forces")
+    _add_model_args(tr)
+    training_args(tr)
+    tr.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    tr.set_defaults(func=cmd_train)
+
+    ins = sub.add_parser("inspect", help="capture a model and write every graph dump")
+    ins.add_argument("--data", default=None, help="extxyz file (default: built-in EMT structures)")
+    _add_model_args(ins)
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import JanusError
+
+    try:
+        return args.func(args)
+    except (JanusError, ValueError, FileNotFoundError) as exc:
+        print(f"januspipe: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
