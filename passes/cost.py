@@ -6,7 +6,8 @@ not know at compile time, so every cost here is a sympy expression in the named 
 number for one batch. `node_cost` gives FLOPs, bytes read + written and bytes of the
 output by aten op; `calibrate` times each node of the joint graph on real batches and
 fits, per op class, ``t ≈ c_flop·flops + c_byte·bytes + c_launch`` (non-negative least
-squares), so a `CostModel` turns those expressions into seconds for any sizes. The fit
+squares; the per-node constant then refit per aten op, since dispatch overhead differs
+by op), so a `CostModel` turns those expressions into seconds for any sizes. The fit
 can be saved (`CostModel.to_json`) and reused on a later run on the same machine.
 
 Op classes: ``matmul``, ``elementwise`` (also copies and fills: memory bound),
@@ -19,8 +20,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
-import operator
 import statistics
 import time
 import weakref
@@ -61,7 +60,8 @@ VIEW_OPS = frozenset(
     {"view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "expand_as", "permute", "transpose",
      "t", "numpy_T", "select", "slice", "narrow", "unsqueeze", "squeeze", "alias", "detach", "lift_fresh",
      "as_strided", "unfold", "diagonal", "split", "split_with_sizes", "unbind", "chunk", "tensor_split",
-     "movedim", "view_as", "view_as_real", "view_as_complex", "unflatten", "flatten", "swapaxes", "swapdims", "real", "imag", "conj", "_conj", "_neg_view"}
+     "movedim", "view_as", "view_as_real", "view_as_complex", "unflatten", "flatten", "swapaxes", "swapdims",
+     "real", "imag", "conj", "_conj", "_neg_view"}
 )
 
 # Ops on sizes or tuples: no tensor work at all.
@@ -207,9 +207,8 @@ def _itemsizes(node: Any, n: int) -> List[int]:
             dtype = [v.dtype if isinstance(v, torch.Tensor) else None for v in val]
     if not isinstance(dtype, (list, tuple)):
         dtype = [dtype] * n
-    return [d.itemsize if isinstance(d, torch.dtype) else DEFAULT_ITEMSIZE for d in dtype][:n] + [DEFAULT_ITEMSIZE] * max(
-        0, n - len(dtype)
-    )
+    sizes = [d.itemsize if isinstance(d, torch.dtype) else DEFAULT_ITEMSIZE for d in dtype][:n]
+    return sizes + [DEFAULT_ITEMSIZE] * (n - len(sizes))
 
 
 def _numel(shape: Shape) -> Expr:
@@ -249,7 +248,8 @@ def _read_bytes(arg: fx.Node) -> Expr:
     best = nbytes(arg)
     node = arg
     for _ in range(16):
-        if not (node.op == "call_function" and op_name(node) in VIEW_OPS and node.args and isinstance(node.args[0], fx.Node)):
+        is_view = node.op == "call_function" and op_name(node) in VIEW_OPS
+        if not (is_view and node.args and isinstance(node.args[0], fx.Node)):
             break
         node = node.args[0]
         base = nbytes(node)
@@ -327,7 +327,8 @@ def node_cost(node: fx.Node) -> NodeCost:
         base = name.rstrip("_") if name.endswith("_") else name
         first = _arg(node, 0)
         n_in = numel(first) if isinstance(first, fx.Node) else out_numel
-        return NodeCost(n_in * REDUCTION_FACTOR.get(name, REDUCTION_FACTOR.get(base, 1)), _inputs_bytes(node) + out_b, alloc, cls)
+        factor = REDUCTION_FACTOR.get(name, REDUCTION_FACTOR.get(base, 1))
+        return NodeCost(n_in * factor, _inputs_bytes(node) + out_b, alloc, cls)
     if cls == "elementwise":
         if name in ALLOC_OPS:
             return NodeCost(ZERO, ZERO, alloc, cls)
@@ -372,6 +373,9 @@ def _matmul_flops(node: fx.Node, name: str, out_numel: Expr) -> Expr:
     return 2 * out_numel * k
 
 
+_BY_INDEX = ("scatter", "scatter_add", "scatter_reduce", "index_fill", "index_reduce")
+
+
 def _index_cost(node: fx.Node, name: str, out_numel: Expr, inplace: bool) -> Tuple[Expr, Expr]:
     """(FLOPs, bytes) of gathers and scatters: FLOPs = elements moved."""
     isz = _itemsize(node)
@@ -390,7 +394,7 @@ def _index_cost(node: fx.Node, name: str, out_numel: Expr, inplace: bool) -> Tup
         src = _arg(node, 2)
     elif base in ("index_add", "index_copy"):
         src = _arg(node, 3)
-    elif base in ("scatter", "scatter_add", "scatter_reduce", "index_fill", "index_reduce"):
+    elif base in _BY_INDEX:
         src = _arg(node, 2)  # the index tensor: one element moved per index entry
     else:
         src = _arg(node, 2) if len(node.args) > 2 else None
@@ -400,9 +404,10 @@ def _index_cost(node: fx.Node, name: str, out_numel: Expr, inplace: bool) -> Tup
         copy = ZERO
     else:  # out-of-place: the target is copied into the output first
         copy = (_read_bytes(target) if isinstance(target, fx.Node) else ZERO) + out_b
-    skip = [target] + ([src] if base not in ("scatter", "scatter_add", "scatter_reduce", "index_fill", "index_reduce") else [])
-    if base in ("scatter", "scatter_add", "scatter_reduce") and len(node.args) > 3 and isinstance(node.args[3], fx.Node):
-        skip.append(node.args[3])  # the scattered values: read once per moved element below
+    skip = [target] + ([src] if base not in _BY_INDEX else [])
+    values = _arg(node, 3)
+    if base in _BY_INDEX and isinstance(values, fx.Node):
+        skip.append(values)  # the scattered values: read once per moved element below
     # read the source values, read-modify-write the target rows
     return moved, copy + 3 * moved * isz + _index_bytes(node, skip)
 
@@ -441,6 +446,7 @@ def _subs(sizes: Sizes) -> Dict[sympy.Symbol, sympy.Integer]:
 
 
 def _to_float(expr: Expr) -> float:
+    expr = sympy.sympify(expr)
     if expr.free_symbols:
         raise KeyError(f"sizes do not define {sorted(map(str, expr.free_symbols))} (needed by {expr})")
     return float(expr)
@@ -453,6 +459,7 @@ class _CostTable:
     names: List[str]
     phases: List[str]
     classes: List[str]
+    ops: List[str]
     symbols: List[sympy.Symbol]
     fn: Callable[..., Any]
     key: Tuple[str, ...]
@@ -485,6 +492,7 @@ def _cost_table(graph: GraphLike) -> _CostTable:
         names=list(key),
         phases=[str(n.meta.get(PHASE, "unlabelled")) for n in nodes],
         classes=[c.op_class for c in costs],
+        ops=[op_name(n) for n in nodes],
         symbols=symbols,
         fn=fn,
         key=key,
@@ -517,7 +525,8 @@ def param_bytes(joint_graph: Any, params: Mapping[str, torch.Tensor]) -> int:
 def activation_bytes(graph: GraphLike, nodes: Iterable[Union[fx.Node, str]], sizes: Optional[Sizes] = None):
     """Sum of ``out_bytes`` of ``nodes`` (nodes or names): what stashing them costs.
 
-    Symbolic (a sympy expression) without ``sizes``; a float with them.
+    Views and in-place results count 0 (they alias); a placeholder counts its full
+    size. Symbolic (a sympy expression) without ``sizes``; a float with them.
     """
     g = _as_graph(graph)
     by_name = {n.name: n for n in g.nodes}
@@ -598,11 +607,15 @@ class CostModel:
     """Per-class time coefficients ``(c_flop, c_byte, c_launch)`` in seconds per FLOP,
     per byte and per node; ``"default"`` serves classes the calibration never saw.
 
+    ``launch``: per aten op, the per-node constant that replaces its class's
+    ``c_launch`` — dispatch overhead differs by op (``t`` takes no size list, ``view``
+    does), and the per-node constant is most of a small node's time.
     ``measured``: {sizes key: {node name: median seconds}} of the calibration runs;
     ``fit_report``: per calibration batch, measured vs predicted total per phase.
     """
 
     coeffs: Dict[str, Tuple[float, float, float]]
+    launch: Dict[str, float] = field(default_factory=dict)
     measured: Dict[str, Dict[str, float]] = field(default_factory=dict)
     fit_report: List[Dict[str, Any]] = field(default_factory=list)
     device: str = "cpu"
@@ -611,15 +624,19 @@ class CostModel:
     def _coeff(self, cls: str) -> Tuple[float, float, float]:
         return self.coeffs.get(cls) or self.coeffs.get("default") or (0.0, 0.0, 0.0)
 
+    def _row(self, cls: str, op: str) -> Tuple[float, float, float]:
+        c = self._coeff(cls)
+        return (c[0], c[1], self.launch.get(op, c[2]))
+
     def node_time(self, node: fx.Node, sizes: Sizes) -> float:
         """Predicted seconds of one node at these sizes."""
         cost = node_cost(node)
         flops, moved, _ = cost.evaluate(sizes)
-        c = self._coeff(cost.op_class)
+        c = self._row(cost.op_class, op_name(node))
         return c[0] * flops + c[1] * moved + c[2]
 
     def _time_vector(self, table: _CostTable, values: np.ndarray) -> np.ndarray:
-        coef = np.array([self._coeff(c) for c in table.classes], dtype=np.float64).reshape(-1, 3)
+        coef = np.array([self._row(c, o) for c, o in zip(table.classes, table.ops)], dtype=np.float64).reshape(-1, 3)
         return coef[:, 0] * values[0] + coef[:, 1] * values[1] + coef[:, 2]
 
     def times(self, graph: GraphLike, sizes: Sizes) -> Dict[str, float]:
@@ -640,8 +657,8 @@ class CostModel:
     @property
     def max_fit_error(self) -> float:
         """Largest |predicted - measured| / measured over calibration batches and phases."""
-        errs = [abs(row["rel_error"]) for rep in self.fit_report for row in rep["phases"].values() if row["measured"] > 0]
-        return max(errs, default=0.0)
+        rows = [row for rep in self.fit_report for row in rep["phases"].values()]
+        return max((abs(row["rel_error"]) for row in rows if row["measured"] > 0), default=0.0)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -649,6 +666,7 @@ class CostModel:
                 "version": 1,
                 "device": self.device,
                 "coeffs": {k: list(v) for k, v in self.coeffs.items()},
+                "launch": self.launch,
                 "measured": self.measured,
                 "fit_report": self.fit_report,
                 "info": self.info,
@@ -663,6 +681,7 @@ class CostModel:
             raise ValueError(f"unknown cost model version {data.get('version')!r}")
         return cls(
             coeffs={k: tuple(float(x) for x in v) for k, v in data["coeffs"].items()},
+            launch={k: float(v) for k, v in data.get("launch", {}).items()},
             measured=data.get("measured", {}),
             fit_report=data.get("fit_report", []),
             device=data.get("device", "cpu"),
@@ -683,29 +702,40 @@ class CostModel:
 
 
 def measure_node_times(
-    joint_graph: Any, params, buffers, batch, device: Union[str, torch.device] = "cpu", repeats: int = 3
-) -> Dict[str, float]:
-    """{node name: median seconds} of running ``joint_graph.gm`` on one batch (after a warm-up)."""
+    joint_graph: Any,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    batches: Sequence[Any],
+    device: Union[str, torch.device] = "cpu",
+    repeats: int = 3,
+) -> List[Dict[str, float]]:
+    """Per batch, {node name: median seconds} of running ``joint_graph.gm`` on it.
+
+    Repeats are interleaved across batches (batch 1, batch 2, batch 1, ...) so that a
+    change in machine load between runs spreads over all batches instead of skewing
+    one of them; a warm-up run per batch comes first.
+    """
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     p = {k: v.detach().to(dev) for k, v in params.items()}
     b = {k: v.detach().to(dev) for k, v in buffers.items()}
-    flat = joint_graph.flat_inputs(p, b, batch.to(dev))
-    runs: List[Dict[str, float]] = []
+    flats = [joint_graph.flat_inputs(p, b, batch.to(dev)) for batch in batches]
+    runs: List[List[Dict[str, float]]] = [[] for _ in batches]
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()  # a collection inside a timed op would land on a random node
     try:
         with torch.no_grad():
-            for i in range(repeats + 1):
-                interp = _TimingInterpreter(joint_graph.gm, cuda)
-                interp.run(*flat)
-                if i > 0:  # the first run warms up allocator and kernels
-                    runs.append(interp.times)
+            for r in range(max(1, repeats) + 1):
+                for i, flat in enumerate(flats):
+                    interp = _TimingInterpreter(joint_graph.gm, cuda)
+                    interp.run(*flat)
+                    if r > 0:  # the first run warms up allocator and kernels
+                        runs[i].append(interp.times)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+    return [{name: statistics.median(run[name] for run in rs) for name in rs[0]} for rs in runs]
 
 
 def calibrate(
@@ -721,7 +751,9 @@ def calibrate(
     Batches of different sizes let the fit tell the per-FLOP / per-byte slopes from the
     per-node constant. Per class, ``t = c_flop·flops + c_byte·bytes + c_launch`` is fit
     by non-negative least squares on absolute times (so that sums, which the
-    partitioner balances, come out unbiased).
+    partitioner balances, come out unbiased); then each aten op gets its own per-node
+    constant (`CostModel.launch`). Calibrate on batches as large as training uses: the
+    per-FLOP and per-byte slopes are only as good as the sizes they were fit on.
     """
     if not batches:
         raise ValueError("calibrate needs at least one batch")
@@ -736,10 +768,10 @@ def calibrate(
         bad = joint_graph.guards.violated(sizes) if getattr(joint_graph, "guards", None) else []
         if bad:
             raise ValueError(f"batch with sizes {sizes} is outside the joint graph's guards: {bad}")
-        key = _size_key(sizes)
-        times = measure_node_times(joint_graph, params, buffers, batch, device, repeats)
-        measured[key] = times
         all_sizes.append(sizes)
+    for sizes, times in zip(all_sizes, measure_node_times(joint_graph, params, buffers, batches, device, repeats)):
+        key = _size_key(sizes)
+        measured[key] = times  # two batches of equal sizes: the later one's times are kept
         rows.append((key, table.evaluate(sizes), np.array([times[n] for n in table.names])))
 
     classes = np.array(table.classes)
@@ -756,9 +788,11 @@ def calibrate(
             coeffs[cls_name] = fit(mask) if cls_name not in ("view", "meta") else (0.0, 0.0, _mean_time(rows, mask))
     work = np.isin(classes, FIT_CLASSES)
     coeffs["default"] = fit(work if work.any() else np.ones(len(classes), dtype=bool))
+    launch = _op_launch(rows, table, coeffs)
 
     model = CostModel(
         coeffs=coeffs,
+        launch=launch,
         measured=measured,
         device=str(torch.device(device)),
         info={"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats, "sizes": all_sizes},
@@ -776,6 +810,21 @@ def calibrate(
         model.fit_report.append({"sizes": key, "phases": phases})
     log.info("%s", model.summary())
     return model
+
+
+def _op_launch(rows, table: _CostTable, coeffs: Mapping[str, Tuple[float, float, float]]) -> Dict[str, float]:
+    """Per aten op: its class's ``c_launch`` plus the mean residual of that op's nodes
+    (the slopes stay per class; only the per-node constant is refit, kept >= 0)."""
+    ops = np.array(table.ops)
+    classes = np.array(table.classes)
+    launch: Dict[str, float] = {}
+    for op in sorted(set(table.ops)):
+        mask = ops == op
+        cls = str(classes[mask][0])
+        c_flop, c_byte, c_launch = coeffs.get(cls, coeffs["default"])
+        resid = np.concatenate([t[mask] - (c_flop * v[0][mask] + c_byte * v[1][mask]) for _, v, t in rows])
+        launch[op] = max(0.0, float(resid.mean()))
+    return launch
 
 
 def _mean_time(rows, mask: np.ndarray) -> float:

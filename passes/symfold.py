@@ -1,0 +1,293 @@
+"""SymFold: partition the joint graph into balanced, folded pipeline chunks.
+
+Pipeline of this pass: units (``passes/units.py``) → per-unit four-phase cost, memory
+and boundary bytes from per-node times (``passes/cost.py``) → the ILP
+(``passes/symfold_ilp.py``) → split into (chunk, phase) graphs (``passes/split.py``).
+
+Three methods share that machinery so benchmark ratios are honest:
+
+- ``symfold``: the ILP over folded units (every backward node on its forward node's chunk);
+- ``even``: the same fold, equal numbers of units per chunk, no solver;
+- ``unfolded``: what a 1F1B system does: the chain F_1..F_L, G_L..G_1 cut into P
+  contiguous pieces by cost, F+G as the forward task and GG+FB as the backward; a G
+  piece away from its F piece receives the activations it needs from another rank.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch.fx as fx
+
+from .cost import graph_costs
+from .labels import PHASE, PHASES, compute_nodes
+from .split import FOLDED, UNFOLDED, PhaseLayout, SplitPlan, split_graph
+from .symfold_ilp import (
+    PartitionError,
+    PartitionProblem,
+    PartitionSolution,
+    Unit,
+    UnitEdge,
+    even_partition,
+    solve_partition,
+    wave_rank,
+)
+from .units import Units, build_units
+
+log = logging.getLogger(__name__)
+
+METHODS = ("symfold", "even", "unfolded")
+UNITS_PER_CHUNK = 4
+Sizes = Mapping[str, int]
+
+
+@dataclass
+class Partition:
+    method: str
+    stages: int
+    chunks: int
+    units: Units
+    plan: SplitPlan
+    problem: PartitionProblem
+    node_times: Dict[str, float]
+    out_bytes: Dict[str, float]
+    param_bytes: Dict[str, float]
+    solution: Optional[PartitionSolution] = None
+    chunk_of_unit: Optional[List[int]] = None
+
+    @property
+    def num_chunks(self) -> int:
+        return self.plan.chunks
+
+    def rank_of_chunk(self, chunk: int) -> int:
+        return chunk if self.method == "unfolded" else wave_rank(chunk, self.stages)
+
+    def chunk_phase_time(self) -> Dict[Tuple[int, str], float]:
+        """Seconds per (chunk, phase) for one micro-batch, phases after legalisation."""
+        out: Dict[Tuple[int, str], float] = {}
+        pl = self.plan.placement
+        for name, c in pl.chunk.items():
+            key = (c, pl.phase[name])
+            out[key] = out.get(key, 0.0) + self.node_times.get(name, 0.0)
+        return out
+
+    def rank_times(self) -> List[float]:
+        times = [0.0] * self.stages
+        for (c, _), t in self.chunk_phase_time().items():
+            times[self.rank_of_chunk(c)] += t
+        return times
+
+    def imbalance(self) -> float:
+        """max/mean per-rank step time: 1.0 is perfect balance."""
+        times = self.rank_times()
+        mean = sum(times) / len(times)
+        return max(times) / mean if mean > 0 else 1.0
+
+    def rank_memory(self, microbatches_in_flight: int = 1) -> List[Dict[str, float]]:
+        """Bytes per rank: parameters (+grads, Adam state) and stash per in-flight micro-batch.
+
+        Stash: every value a rank reads in a later phase group than the one that made it
+        (its own activations, or activations received from another rank).
+        """
+        from .symfold_ilp import OPTIMIZER_COPIES
+
+        plan = self.plan
+        producer = {name: key for key, g in plan.groups.items() for name in g.outputs}
+        rank_of_group = {key: self.rank_of_chunk(key[0]) for key in plan.groups}
+        order = plan.layout.groups
+        stash: List[set] = [set() for _ in range(self.stages)]
+        params: List[set] = [set() for _ in range(self.stages)]
+        for key, g in plan.groups.items():
+            r = rank_of_group[key]
+            for name in g.inputs:
+                if name in self.param_bytes:
+                    params[r].add(name)
+                src = producer.get(name)
+                if src is not None and order.index(src[1]) < order.index(key[1]):
+                    stash[r].add(name)
+        out = []
+        for r in range(self.stages):
+            p = sum(self.param_bytes[n] for n in params[r])
+            s = sum(self.out_bytes.get(n, 0.0) for n in stash[r])
+            out.append({"params": OPTIMIZER_COPIES * p, "stash_per_microbatch": s, "total": OPTIMIZER_COPIES * p + s * microbatches_in_flight})
+        return out
+
+    def table(self) -> List[Dict[str, object]]:
+        """One row per chunk: rank, units, per-phase seconds, boundary tensors received."""
+        cpt = self.chunk_phase_time()
+        rows = []
+        plan = self.plan
+        producer = {name: key for key, g in plan.groups.items() for name in g.outputs}
+        nodes = {n.name: n for n in plan_nodes(plan)}
+        for c in range(self.num_chunks):
+            received = {}
+            for key, g in plan.groups.items():
+                if key[0] != c:
+                    continue
+                for name in g.inputs:
+                    src = producer.get(name)
+                    if src is not None and src[0] != c:
+                        node = nodes.get(name)
+                        shape = node.meta.get("shape") if node is not None else None
+                        received[name] = {"from_chunk": src[0], "phase": src[1], "shape": str(shape), "bytes": self.out_bytes.get(name, 0.0)}
+            units = sorted({self.units.names[self.units.unit_of_node[n]] for n, ch in plan.placement.chunk.items() if ch == c and plan.placement.phase[n] == "F" and n in self.units.unit_of_node})
+            rows.append(
+                {
+                    "chunk": c,
+                    "rank": self.rank_of_chunk(c),
+                    "units": units,
+                    "seconds": {p: cpt.get((c, p), 0.0) for p in PHASES},
+                    "received": received,
+                }
+            )
+        return rows
+
+
+def plan_nodes(plan: SplitPlan) -> List[fx.Node]:
+    return [n for g in plan.groups.values() for n in g.gm.graph.nodes if n.op == "placeholder"]
+
+
+def _param_bytes(graph: fx.Graph) -> Dict[str, float]:
+    from .cost import nbytes
+
+    out = {}
+    for n in graph.nodes:
+        if n.op == "placeholder" and n.name.startswith("param_"):
+            out[n.name] = float(nbytes(n))
+    return out
+
+
+def build_problem(
+    graph: fx.Graph,
+    units: Units,
+    node_times: Mapping[str, float],
+    out_bytes: Mapping[str, float],
+    param_bytes: Mapping[str, float],
+    stages: int,
+    chunks: int,
+    **ilp_options,
+) -> PartitionProblem:
+    """Per-unit folded costs, memory and boundary bytes: the ILP's input."""
+    cost = [{p: 0.0 for p in PHASES} for _ in units.names]
+    params: List[set] = [set() for _ in units.names]
+    stash = [0.0] * len(units.names)
+    for n in compute_nodes(graph):
+        u = units.unit_of_node.get(n.name)
+        if u is None:
+            continue
+        cost[u][n.meta[PHASE]] += node_times.get(n.name, 0.0)
+        for m in n.all_input_nodes:
+            if m.name in param_bytes:
+                params[u].add(m.name)
+        # a forward/force value read by a later phase is stashed per micro-batch
+        if n.meta[PHASE] in ("F", "G") and any(user.meta.get(PHASE) in ("GG", "FB") for user in n.users):
+            stash[u] += out_bytes.get(n.name, 0.0)
+    unit_list = [
+        Unit(name, cost[u], sum(param_bytes[p] for p in params[u]), stash[u]) for u, name in enumerate(units.names)
+    ]
+    edges = [UnitEdge(a, b, sum(out_bytes.get(n, 0.0) for n in names)) for (a, b), names in sorted(units.edges.items())]
+    return PartitionProblem(unit_list, edges, stages, chunks, **ilp_options)
+
+
+def _linear_cuts(costs: Sequence[float], pieces: int) -> List[int]:
+    """Piece index of each item: contiguous, minimising the largest piece (exact DP)."""
+    n = len(costs)
+    if pieces > n:
+        raise PartitionError(f"{pieces} stages but the unfolded chain has only {n} items: use fewer stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    INF = float("inf")
+    best = [[INF] * (n + 1) for _ in range(pieces + 1)]
+    cut = [[0] * (n + 1) for _ in range(pieces + 1)]
+    best[0][0] = 0.0
+    for k in range(1, pieces + 1):
+        for i in range(k, n - (pieces - k) + 1):
+            for j in range(k - 1, i):
+                v = max(best[k - 1][j], prefix[i] - prefix[j])
+                if v < best[k][i]:
+                    best[k][i], cut[k][i] = v, j
+    piece = [0] * n
+    i = n
+    for k in range(pieces, 0, -1):
+        j = cut[k][i]
+        for t in range(j, i):
+            piece[t] = k - 1
+        i = j
+    return piece
+
+
+def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem, stages: int) -> Dict[str, int]:
+    """Stage of every node under the unfolded 1F1B partition."""
+    L = len(units.names)
+    chain = [("F", u) for u in range(L)] + [("G", u) for u in reversed(range(L))]
+    cost = []
+    for half, u in chain:
+        c = problem.units[u].cost
+        cost.append(c.get("F", 0) + c.get("FB", 0) if half == "F" else c.get("G", 0) + c.get("GG", 0))
+    piece = _linear_cuts(cost, stages)
+    stage_of = {item: piece[k] for k, item in enumerate(chain)}
+    override = {}
+    for n in compute_nodes(graph):
+        u = units.unit_of_node.get(n.name)
+        if u is None:
+            continue
+        half = "F" if n.meta[PHASE] in ("F", "FB") else "G"
+        override[n.name] = stage_of[(half, u)]
+    return override
+
+
+def partition_graph(
+    gm: fx.GraphModule,
+    stages: int,
+    chunks: int = 1,
+    method: str = "symfold",
+    node_times: Optional[Mapping[str, float]] = None,
+    sizes: Optional[Sizes] = None,
+    lp_path: Optional[str] = None,
+    **ilp_options,
+) -> Partition:
+    """Cut a joint graph into ``stages × chunks`` chunks by ``method`` and split it.
+
+    ``node_times`` are seconds per node for one micro-batch (from a calibrated
+    `CostModel`); without them, FLOPs + bytes at ``sizes`` stand in (uncalibrated).
+    """
+    if method not in METHODS:
+        raise PartitionError(f"unknown partition method {method!r}; choose one of {METHODS}")
+    if method == "unfolded" and chunks != 1:
+        raise PartitionError("the unfolded (1F1B) baseline has one chunk per stage: use chunks=1")
+    V = stages * chunks
+    graph = gm.graph
+    sizes = dict(sizes or {"atoms": 1000, "edges": 30000, "structures": 10})
+    costs = graph_costs(graph)
+    evaluated = {name: c.evaluate(sizes) for name, c in costs.items()}
+    out_bytes = {name: v[2] for name, v in evaluated.items()}
+    if node_times is None:
+        node_times = {name: v[0] * 1e-10 + v[1] * 1e-10 + 2e-6 for name, v in evaluated.items()}
+    param_bytes = _param_bytes(graph)
+    # Finer units balance better; ask for a few per chunk (coarser if the model has no more).
+    units = build_units(graph, min_units=UNITS_PER_CHUNK * V if method != "unfolded" else max(1, (stages + 1) // 2))
+    if method != "unfolded" and len(units.names) < V:
+        raise PartitionError(
+            f"{V} chunks (stages={stages} × chunks={chunks}) but the model has only "
+            f"{len(units.names)} units even at module depth {units.depth}: use fewer stages or "
+            "chunks, or a model with more layers"
+        )
+    problem = build_problem(graph, units, node_times, out_bytes, param_bytes, stages, chunks if method != "unfolded" else 1, **ilp_options)
+    solution = None
+    chunk_of_unit: Optional[List[int]] = None
+    if method == "symfold":
+        solution = solve_partition(problem, lp_path=lp_path)
+        chunk_of_unit = solution.chunk_of_unit
+        plan = split_graph(gm, units, chunk_of_unit, V, FOLDED)
+    elif method == "even":
+        solution = even_partition(problem)
+        chunk_of_unit = solution.chunk_of_unit
+        plan = split_graph(gm, units, chunk_of_unit, V, FOLDED)
+    else:
+        override = _unfolded_override(graph, units, problem, stages)
+        plan = split_graph(gm, units, [0] * len(units.names), stages, UNFOLDED, chunk_override=override)
+    part = Partition(method, stages, chunks if method != "unfolded" else 1, units, plan, problem, dict(node_times), out_bytes, param_bytes, solution, chunk_of_unit)
+    log.info("%s partition: P=%d K=%d, max/mean rank time %.3f", method, stages, part.chunks, part.imbalance())
+    return part

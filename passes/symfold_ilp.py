@@ -1,0 +1,533 @@
+"""SymFold partition ILP: assign forward *units* to the V = K·P pipeline chunks.
+
+SymFold folds every backward node onto the chunk of the forward unit it differentiates,
+so a unit's cost in all four phases (F energy forward, G force gradient, GG double
+backward, FB backward of the forward) lands on one chunk. What has to be balanced is
+therefore the per-rank sum of all four phases, where rank ``r`` holds the K chunks that
+wave placement puts on it (`wave_rank`). This module is only the optimisation problem:
+it knows nothing about torch graphs, so it can be tested and tuned on synthetic costs.
+
+Model (pulp + the CBC bundled with it):
+
+- ``x[u,c]`` = unit ``u`` on chunk ``c``; each unit on exactly one chunk;
+- ``y[u,c]`` = "unit ``u`` sits on a chunk ``<= c``" = ``Σ_{k<=c} x[u,k]`` (binary). CBC
+  branches on ``y``: "is the cut between chunks ``c`` and ``c+1`` before or after unit
+  ``u``" splits the search far better than "is ``u`` on chunk ``c``" (40 units, P = 8,
+  K = 2 solves 2-3x faster than with binary ``x``). ``x`` is the difference of two
+  ordered binaries, so it is 0/1 in every integer solution without being declared so;
+- units stay in their (topological) order: ``y[u+1,c] <= y[u,c]`` for every threshold
+  ``c``, i.e. ``chunk(u) <= chunk(u+1)``. Every edge has ``src < dst``, so these chain
+  constraints imply ``chunk(src) <= chunk(dst)`` for every edge (per-edge rows would be
+  redundant). This disaggregated form is much tighter in the LP than
+  ``Σ c·x[u,c] <= Σ c·x[u+1,c]`` (summing it over ``c`` gives that);
+- every chunk gets at least one unit. With order, unit ``u`` can then only sit on chunks
+  ``max(0, V-U+u) .. min(V-1, u)``, so variables outside that window are never created;
+  this also fixes ``x[0,0] = 1`` and ``x[U-1,V-1] = 1`` (symmetry breaking);
+- minimise ``T + comm_weight · Σ_edges bytes/bandwidth · (chunk(dst) - chunk(src))``
+  with ``T >= T_r`` for every rank (``T_r``: the four-phase time of the rank's units);
+  the hop count is linear, exact for chains, and counts a hop even where wave placement
+  puts two consecutive chunks on the same rank (the turn of the wave);
+- optional memory cap per rank: ``Σ x[u,c]·(4·param_bytes + stash_bytes·in_flight)``
+  (parameters, gradients and two Adam moments, plus the stash of each in-flight
+  micro-batch).
+
+Scaling: in the written model, times (``T`` and the objective) are in units of the even
+share ``Σ cost / P`` and memory rows are divided by the cap, so every coefficient is O(1).
+That matters for CBC: its default cutoff increment is an absolute 1e-5 on the objective,
+which on an objective of ~0.03 s would silently accept solutions 0.03 % off the optimum.
+Here "optimal" means proven within 1e-5 of the even share (`MIP_INCREMENT`).
+
+CBC runs single-threaded with a fixed seed so that the same input gives the same
+assignment (unless the time limit cuts the search short: that limit is wall time).
+The even split (`even_partition`) is handed to CBC as a MIP start when it fits the memory
+cap, so a time-limited solve always has a feasible answer at least as good as the
+baseline.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pulp
+
+log = logging.getLogger(__name__)
+
+PHASES: Tuple[str, ...] = ("F", "G", "GG", "FB")
+"""Phases of a training step; the same names as `janus_compile.passes.labels.PHASES`
+(not imported, so this module does not pull in torch)."""
+
+OPTIMIZER_COPIES = 4
+"""Copies of each parameter a rank holds: the weights, their gradients, two Adam moments."""
+
+STATUS_OPTIMAL = "optimal"
+STATUS_TIME_LIMIT = "feasible (time limit)"
+STATUS_EVEN = "even (no solver)"
+
+
+class PartitionError(ValueError):
+    """The partition problem has no answer as posed; the message says what to change."""
+
+
+@dataclass
+class Unit:
+    """A coarse group of forward nodes (e.g. one interaction block), moved as a whole.
+
+    ``cost`` is seconds per phase (keys among ``F``, ``G``, ``GG``, ``FB``; a missing
+    phase costs 0) for one micro-batch; ``stash_bytes`` is the activation memory kept per
+    in-flight micro-batch.
+    """
+
+    name: str
+    cost: Dict[str, float]
+    param_bytes: float = 0.0
+    stash_bytes: float = 0.0
+
+    def total_cost(self) -> float:
+        """Seconds of all four phases: the fold puts them all on the unit's chunk."""
+        return float(sum(self.cost.get(p, 0.0) for p in PHASES))
+
+    def memory(self, microbatches_in_flight: int) -> float:
+        """Bytes this unit pins on its rank: optimizer state plus in-flight stashes."""
+        return OPTIMIZER_COPIES * self.param_bytes + self.stash_bytes * microbatches_in_flight
+
+
+@dataclass
+class UnitEdge:
+    """Forward data flow ``src -> dst`` (indices into the units; ``src < dst``)."""
+
+    src: int
+    dst: int
+    bytes: float
+
+
+@dataclass
+class PartitionProblem:
+    """Units in topological order, their data flow, and the pipeline shape (P stages, K chunks each)."""
+
+    units: List[Unit]
+    edges: List[UnitEdge]
+    stages: int
+    chunks: int
+    microbatches_in_flight: int = 1
+    memory_cap_bytes: Optional[float] = None
+    bandwidth_bytes_per_s: float = 10e9
+    comm_weight: float = 1.0
+    time_limit_s: float = 30.0
+    seed: int = 0
+
+    @property
+    def num_chunks(self) -> int:
+        """V = K·P, the number of pipeline chunks."""
+        return self.stages * self.chunks
+
+
+@dataclass
+class PartitionSolution:
+    """An assignment of units to chunks and what it costs per chunk and per rank."""
+
+    chunk_of_unit: List[int]
+    status: str
+    objective: float
+    bound: Optional[float]
+    gap: Optional[float]
+    rank_time: List[float]
+    rank_memory: List[float]
+    chunk_time: List[Dict[str, float]]
+    solve_seconds: float
+    lp_text: str = ""
+    num_variables: int = 0
+    num_constraints: int = 0
+
+    @property
+    def imbalance(self) -> float:
+        """max/mean rank time: 1.0 is a perfect balance."""
+        mean = sum(self.rank_time) / len(self.rank_time)
+        return max(self.rank_time) / mean if mean > 0 else 1.0
+
+
+def wave_rank(chunk: int, stages: int) -> int:
+    """Rank holding ``chunk`` under wave placement: chunk ``w·P + i`` is on rank ``i`` for
+    even ``w`` and on rank ``P-1-i`` for odd ``w``, so the last chunk of one wave and the
+    first of the next share a rank (no transfer at the turn)."""
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0, got {chunk}")
+    wave, i = divmod(chunk, stages)
+    return i if wave % 2 == 0 else stages - 1 - i
+
+
+# ---------------------------------------------------------------------------------------
+# validation and evaluation
+
+
+def _validate(problem: PartitionProblem) -> None:
+    """Reject malformed input early, with the figure that is wrong."""
+    if problem.stages < 1 or problem.chunks < 1:
+        raise PartitionError(f"stages (P={problem.stages}) and chunks (K={problem.chunks}) must be >= 1")
+    n, v = len(problem.units), problem.num_chunks
+    if n < v:
+        raise PartitionError(
+            f"cannot fill V = K·P = {problem.chunks}·{problem.stages} = {v} chunks with only {n} units: "
+            f"every chunk needs at least one unit. Use fewer stages or chunks per stage "
+            f"(K·P <= {n}), or split the model into finer units."
+        )
+    for k, u in enumerate(problem.units):
+        bad = set(u.cost) - set(PHASES)
+        if bad:
+            raise PartitionError(f"unit {k} ({u.name!r}) has costs for unknown phases {sorted(bad)}; expected {PHASES}")
+        for p, c in u.cost.items():
+            if not (math.isfinite(c) and c >= 0):
+                raise PartitionError(f"unit {k} ({u.name!r}) phase {p} cost must be finite and >= 0, got {c}")
+        for what, b in (("param_bytes", u.param_bytes), ("stash_bytes", u.stash_bytes)):
+            if not (math.isfinite(b) and b >= 0):
+                raise PartitionError(f"unit {k} ({u.name!r}) {what} must be finite and >= 0, got {b}")
+    for e in problem.edges:
+        if not (0 <= e.src < e.dst < n):
+            raise PartitionError(
+                f"edge {e.src} -> {e.dst} is not forward between units 0..{n - 1} (src must precede dst)"
+            )
+        if not (math.isfinite(e.bytes) and e.bytes >= 0):
+            raise PartitionError(f"edge {e.src} -> {e.dst} bytes must be finite and >= 0, got {e.bytes}")
+    if problem.microbatches_in_flight < 0:
+        raise PartitionError(f"microbatches_in_flight must be >= 0, got {problem.microbatches_in_flight}")
+    if not problem.bandwidth_bytes_per_s > 0:
+        raise PartitionError(f"bandwidth_bytes_per_s must be > 0, got {problem.bandwidth_bytes_per_s}")
+    if not problem.time_limit_s > 0:
+        raise PartitionError(f"time_limit_s must be > 0, got {problem.time_limit_s}")
+
+
+def _memory_lower_bound(problem: PartitionProblem) -> float:
+    """Smallest per-rank memory any partition can reach: the even share, the biggest unit,
+    or the K smallest units (each of a rank's K chunks holds at least one)."""
+    mem = sorted(u.memory(problem.microbatches_in_flight) for u in problem.units)
+    return max(sum(mem) / problem.stages, mem[-1], sum(mem[: problem.chunks]))
+
+
+def _memory_error(problem: PartitionProblem, lower: float, proven: bool) -> PartitionError:
+    """The message for a memory cap that no in-order partition meets."""
+    how = "at least" if not proven else "more than the cap; the simple lower bound is"
+    return PartitionError(
+        f"no partition fits memory_cap_bytes = {problem.memory_cap_bytes:.6g} B per rank: "
+        f"each rank needs {how} {lower:.6g} B (params·{OPTIMIZER_COPIES} + stash·"
+        f"{problem.microbatches_in_flight} in-flight micro-batches, over P = {problem.stages} ranks). "
+        f"Use more stages, fewer in-flight micro-batches, or a larger cap."
+    )
+
+
+def _comm_seconds(problem: PartitionProblem, chunk_of_unit: Sequence[int]) -> float:
+    """Weighted transfer seconds: bytes/bandwidth times chunk hops, per edge."""
+    bw = problem.bandwidth_bytes_per_s
+    return problem.comm_weight * sum(
+        e.bytes / bw * (chunk_of_unit[e.dst] - chunk_of_unit[e.src]) for e in problem.edges
+    )
+
+
+def _evaluate(
+    problem: PartitionProblem, chunk_of_unit: Sequence[int]
+) -> Tuple[float, List[float], List[float], List[Dict[str, float]]]:
+    """Objective, rank times, rank memories and per-chunk phase times of an assignment."""
+    v, p = problem.num_chunks, problem.stages
+    chunk_time: List[Dict[str, float]] = [{ph: 0.0 for ph in PHASES} for _ in range(v)]
+    rank_time = [0.0] * p
+    rank_memory = [0.0] * p
+    for u, c in zip(problem.units, chunk_of_unit):
+        r = wave_rank(c, p)
+        for ph in PHASES:
+            chunk_time[c][ph] += float(u.cost.get(ph, 0.0))
+        rank_time[r] += u.total_cost()
+        rank_memory[r] += u.memory(problem.microbatches_in_flight)
+    objective = max(rank_time) + _comm_seconds(problem, chunk_of_unit)
+    return objective, rank_time, rank_memory, chunk_time
+
+
+def even_partition(problem: PartitionProblem) -> PartitionSolution:
+    """Baseline without a solver: equal unit counts per chunk (±1), in order.
+
+    It ignores costs and the memory cap; it is what SymFold has to beat, and the MIP start
+    handed to CBC."""
+    t0 = time.perf_counter()
+    _validate(problem)
+    n, v = len(problem.units), problem.num_chunks
+    chunk_of_unit = [u * v // n for u in range(n)]
+    objective, rank_time, rank_memory, chunk_time = _evaluate(problem, chunk_of_unit)
+    return PartitionSolution(
+        chunk_of_unit=chunk_of_unit,
+        status=STATUS_EVEN,
+        objective=objective,
+        bound=None,
+        gap=None,
+        rank_time=rank_time,
+        rank_memory=rank_memory,
+        chunk_time=chunk_time,
+        solve_seconds=time.perf_counter() - t0,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class _Model:
+    prob: pulp.LpProblem
+    x: Dict[Tuple[int, int], pulp.LpVariable]
+    y: Dict[Tuple[int, int], pulp.LpVariable]
+    t: pulp.LpVariable
+    windows: List[List[int]]
+    time_scale: float  # seconds per unit of the model's objective
+
+
+def _window(u: int, n: int, v: int) -> range:
+    """Chunks unit ``u`` can take when units are in order and no chunk is empty."""
+    return range(max(0, v - n + u), min(v - 1, u) + 1)
+
+
+def _time_scale(problem: PartitionProblem) -> float:
+    """Seconds per model time unit: the even share Σ cost / P (1 s if all costs are 0)."""
+    share = sum(u.total_cost() for u in problem.units) / problem.stages
+    return share if share > 0 else 1.0
+
+
+def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
+    """The SymFold ILP (or its LP relaxation, a valid lower bound, when ``relax``)."""
+    n, v, p = len(problem.units), problem.num_chunks, problem.stages
+    prob = pulp.LpProblem("symfold_relaxed" if relax else "symfold", pulp.LpMinimize)
+    windows = [list(_window(u, n, v)) for u in range(n)]
+    x = {
+        (u, c): pulp.LpVariable(f"x_u{u}_c{c}", lowBound=0, upBound=1)
+        for u in range(n)
+        for c in windows[u]
+    }
+    ycat = pulp.LpContinuous if relax else pulp.LpBinary
+    y = {
+        (u, c): pulp.LpVariable(f"y_u{u}_c{c}", lowBound=0, upBound=1, cat=ycat)
+        for u in range(n)
+        for c in windows[u][:-1]
+    }
+    t = pulp.LpVariable("T", lowBound=0)
+    scale = _time_scale(problem)
+
+    def chunk_expr(u: int) -> pulp.LpAffineExpression:
+        # Written on x (not y) so that the objective has no constant term: CBC leaves an
+        # MPS objective constant out of its progress lines, which would skew the bound.
+        return pulp.lpSum(c * x[u, c] for c in windows[u] if c > 0)
+
+    hop_s = problem.comm_weight / problem.bandwidth_bytes_per_s / scale
+    comm = pulp.lpSum(e.bytes * hop_s * (chunk_expr(e.dst) - chunk_expr(e.src)) for e in problem.edges if e.bytes > 0)
+    prob += t + comm, "rank_time_plus_comm"
+
+    for u in range(n):
+        w = windows[u]
+        prob += pulp.lpSum(x[u, c] for c in w) == 1, f"assign_u{u}"
+        for i, c in enumerate(w[:-1]):
+            prev = y[u, w[i - 1]] if i > 0 else 0
+            prob += y[u, c] - prev - x[u, c] == 0, f"prefix_u{u}_c{c}"
+    for u in range(n - 1):
+        # c in [first chunk of u+1, last chunk of u): other thresholds are trivially met.
+        for c in range(windows[u + 1][0], windows[u][-1]):
+            prob += y[u + 1, c] - y[u, c] <= 0, f"order_u{u}_c{c}"
+    units_on: List[List[int]] = [[] for _ in range(v)]
+    for (u, c) in x:
+        units_on[c].append(u)
+    for c in range(v):
+        prob += pulp.lpSum(x[u, c] for u in units_on[c]) >= 1, f"nonempty_c{c}"
+
+    chunks_of_rank: List[List[int]] = [[] for _ in range(p)]
+    for c in range(v):
+        chunks_of_rank[wave_rank(c, p)].append(c)
+    cap = problem.memory_cap_bytes
+    mif = problem.microbatches_in_flight
+    for r in range(p):
+        on_rank = [(u, c) for c in chunks_of_rank[r] for u in units_on[c]]
+        prob += (
+            pulp.lpSum(problem.units[u].total_cost() / scale * x[u, c] for u, c in on_rank) - t <= 0,
+            f"rank_time_r{r}",
+        )
+        if cap is not None and cap > 0:
+            prob += (
+                pulp.lpSum(problem.units[u].memory(mif) / cap * x[u, c] for u, c in on_rank) <= 1,
+                f"rank_memory_r{r}",
+            )
+        elif cap is not None:  # a zero cap: only zero-memory units fit
+            prob += (
+                pulp.lpSum(problem.units[u].memory(mif) * x[u, c] for u, c in on_rank) <= 0,
+                f"rank_memory_r{r}",
+            )
+    return _Model(prob=prob, x=x, y=y, t=t, windows=windows, time_scale=scale)
+
+
+MIP_INCREMENT = 1e-5
+"""CBC cutoff increment on the normalised objective: "optimal" is within this of the best."""
+
+
+def _solver(problem: PartitionProblem, time_limit: float, log_path: str, warm: bool, mip: bool = True) -> pulp.PULP_CBC_CMD:
+    """CBC, single-threaded with a fixed seed: repeatable unless the time limit bites.
+
+    CBC reads a seed of 0 as "use the time of day", so seeds are shifted by one."""
+    seed = int(problem.seed) % 2_147_483_646 + 1
+    return pulp.PULP_CBC_CMD(
+        mip=mip,
+        msg=False,
+        timeLimit=time_limit,
+        threads=1,
+        warmStart=warm,
+        logPath=log_path,
+        options=[f"randomSeed {seed}", f"randomCbcSeed {seed}", f"increment {MIP_INCREMENT}"],
+    )
+
+
+_BEST_POSSIBLE_RE = re.compile(r"best possible\s+([-+0-9.eE]+)")
+_LOWER_BOUND_RE = re.compile(r"^Lower bound:\s*([-+0-9.eE]+)", re.MULTILINE)
+
+
+def _cbc_lower_bound(log_text: str) -> Optional[float]:
+    """CBC's best bound (normalised) from its log, or None.
+
+    The progress lines ("best possible ...") carry full precision; the summary's "Lower
+    bound:" is rounded to a few digits, so it is only the fallback."""
+    for pattern in (_BEST_POSSIBLE_RE, _LOWER_BOUND_RE):
+        found = pattern.findall(log_text)
+        if found:
+            try:
+                return float(found[-1])
+            except ValueError:
+                continue
+    return None
+
+
+def _combinatorial_bound(problem: PartitionProblem) -> float:
+    """Seconds: max rank time can not drop below the even share or the heaviest unit, and
+    transfers cost >= 0."""
+    costs = [u.total_cost() for u in problem.units]
+    return max(sum(costs) / problem.stages, max(costs))
+
+
+def _relaxation_bound(problem: PartitionProblem, time_limit: float, tmp: str) -> Optional[float]:
+    """Seconds: optimum of the LP relaxation, a valid lower bound only when proven optimal."""
+    model = _build(problem, relax=True)
+    solver = _solver(problem, max(time_limit, 1.0), os.path.join(tmp, "relax.log"), warm=False, mip=False)
+    status = model.prob.solve(solver)
+    if pulp.LpStatus[status] != "Optimal":
+        log.debug("LP relaxation not solved to optimality (%s); no bound from it", pulp.LpStatus[status])
+        return None
+    return float(pulp.value(model.prob.objective) or 0.0) * model.time_scale
+
+
+def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) -> PartitionSolution:
+    """Solve the SymFold ILP for ``problem``; write the model to ``lp_path`` if given.
+
+    Raises `PartitionError` when there are fewer units than chunks, when no in-order
+    partition meets the memory cap, or when CBC hits the time limit without a feasible
+    assignment. A feasible but unproven answer comes back with status
+    ``"feasible (time limit)"`` and its gap to the best lower bound known."""
+    t0 = time.perf_counter()
+    _validate(problem)
+    n, v = len(problem.units), problem.num_chunks
+    if problem.memory_cap_bytes is not None:
+        lower = _memory_lower_bound(problem)
+        if lower > problem.memory_cap_bytes:
+            raise _memory_error(problem, lower, proven=False)
+
+    model = _build(problem)
+    prob = model.prob
+    num_vars, num_cons = len(prob.variables()), len(prob.constraints)
+
+    baseline = even_partition(problem)
+    warm = problem.memory_cap_bytes is None or max(baseline.rank_memory) <= problem.memory_cap_bytes
+    if warm:
+        for (u, c), var in model.x.items():
+            var.setInitialValue(1.0 if baseline.chunk_of_unit[u] == c else 0.0)
+        for (u, c), var in model.y.items():
+            var.setInitialValue(1.0 if baseline.chunk_of_unit[u] <= c else 0.0)
+        model.t.setInitialValue(max(baseline.rank_time) / model.time_scale)
+
+    with tempfile.TemporaryDirectory(prefix="symfold_") as tmp:
+        path = lp_path or os.path.join(tmp, "symfold.lp")
+        prob.writeLP(path)
+        with open(path) as f:
+            lp_text = f.read()
+        log_path = os.path.join(tmp, "cbc.log")
+        log.info(
+            "SymFold ILP: %d units, V = K·P = %d·%d = %d chunks, %d variables, %d constraints, "
+            "time limit %.3g s, MIP start %s",
+            n, problem.chunks, problem.stages, v, num_vars, num_cons, problem.time_limit_s,
+            "even split" if warm else "none (even split breaks the memory cap)",
+        )
+        t_solve = time.perf_counter()
+        status = prob.solve(_solver(problem, problem.time_limit_s, log_path, warm=warm))
+        solve_s = time.perf_counter() - t_solve
+        try:
+            with open(log_path) as f:
+                cbc_log = f.read()
+        except OSError:
+            cbc_log = ""
+        status_name = pulp.LpStatus[status]
+        sol_status = prob.sol_status
+        log.debug("CBC status %s, solution status %s, %.3f s", status_name, sol_status, solve_s)
+
+        if status_name == "Infeasible":
+            if problem.memory_cap_bytes is not None:
+                raise _memory_error(problem, _memory_lower_bound(problem), proven=True)
+            raise PartitionError(f"the SymFold ILP is infeasible for {n} units on {v} chunks (unexpected without a memory cap)")
+        if sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            raise PartitionError(
+                f"CBC stopped after {solve_s:.3g} s (time_limit_s = {problem.time_limit_s:g}) without a "
+                f"feasible partition of {n} units onto {v} chunks (status {status_name}). "
+                f"Give it a longer time_limit_s, or use fewer (coarser) units."
+            )
+
+        chunk_of_unit = []
+        for u in range(n):
+            chosen = [c for c in model.windows[u] if (model.x[u, c].value() or 0.0) > 0.5]
+            if len(chosen) != 1:
+                raise PartitionError(f"CBC returned no unique chunk for unit {u} ({chosen}); solver output is unusable")
+            chunk_of_unit.append(chosen[0])
+        objective, rank_time, rank_memory, chunk_time = _evaluate(problem, chunk_of_unit)
+
+        candidates = [_combinatorial_bound(problem)]
+        if sol_status == pulp.LpSolutionOptimal:
+            status_str = STATUS_OPTIMAL
+            # proven: nothing better by more than the cutoff increment exists
+            candidates.append(objective - MIP_INCREMENT * model.time_scale)
+        else:
+            status_str = STATUS_TIME_LIMIT
+            cbc_bound = _cbc_lower_bound(cbc_log)
+            if cbc_bound is not None and cbc_bound * model.time_scale > objective * (1 + 1e-9):
+                log.warning("ignoring CBC bound %.6g above its own solution %.6g", cbc_bound * model.time_scale, objective)
+                cbc_bound = None
+            if cbc_bound is not None:
+                candidates.append(cbc_bound * model.time_scale)
+            else:
+                relax = _relaxation_bound(problem, problem.time_limit_s, tmp)
+                if relax is not None:
+                    candidates.append(relax)
+        bound: Optional[float] = min(max(candidates), objective)
+    gap = (objective - bound) / objective if objective > 0 else 0.0
+
+    sol = PartitionSolution(
+        chunk_of_unit=chunk_of_unit,
+        status=status_str,
+        objective=objective,
+        bound=bound,
+        gap=gap,
+        rank_time=rank_time,
+        rank_memory=rank_memory,
+        chunk_time=chunk_time,
+        solve_seconds=time.perf_counter() - t0,
+        lp_text=lp_text,
+        num_variables=num_vars,
+        num_constraints=num_cons,
+    )
+    log.info(
+        "SymFold ILP %s in %.3f s: objective %.6g, bound %s, gap %s, max/mean rank time %.4f (even split %.4f)",
+        status_str, sol.solve_seconds, objective, f"{bound:.6g}" if bound is not None else "-",
+        f"{gap:.3%}" if gap is not None else "-", sol.imbalance, baseline.imbalance,
+    )
+    return sol
