@@ -184,8 +184,9 @@ def januspipe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     opts = JanusOptions.from_mapping(options)
     if opts.pipelined:
         raise JanusError(
-            "pipeline execution (stages or chunks > 1) is not available in this version yet; "
-            "use the default options for single-process compiled training"
+            "the torch.compile path sees the model in fragments (Dynamo breaks the graph at "
+            "torch.autograd.grad), so it cannot partition it into pipeline stages; use "
+            "janus_compile.compile(model, example_batch, stages=..., chunks=...) instead"
         )
     return _GraphRunner(gm, example_inputs)
 

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from .data.batch import REQUIRED_FIELDS, AtomsBatch
-from .dump import dump_graphs
-from .errors import JanusError
+from .dump import dump_graphs, dump_partition
 from .losses import EnergyForceLoss
 from .options import JanusOptions
 from .passes.capture import ForceGraph, capture_force_graph
@@ -38,6 +37,7 @@ class CompiledMLIP(nn.Module):
         self.loss = loss if loss is not None else EnergyForceLoss()
         self._force_graphs: List[ForceGraph] = []
         self._joint_graphs: List[JointGraph] = []
+        self._partitions: Dict[int, Any] = {}  # id(joint graph) -> Partition
         self._dumped = False
 
     # -- graph selection -----------------------------------------------------------------
@@ -63,10 +63,43 @@ class CompiledMLIP(nn.Module):
         fg = self.force_graph(batch)
         graph = build_joint_graph(fg, dict(self.model.named_parameters()), dict(self.model.named_buffers()), batch, self.loss)
         self._joint_graphs.append(graph)
+        if self.options.pipelined:
+            self._partitions[id(graph)] = self._partition(graph, batch)
         if self.options.dump_dir and not self._dumped:
             dump_graphs(self.options.dump_dir, fg, graph)
+            if self.options.pipelined:
+                dump_partition(self.options.dump_dir, self._partitions[id(graph)], graph)
             self._dumped = True
         return graph
+
+    def _partition(self, graph: JointGraph, batch: AtomsBatch):
+        """SymFold (or a baseline) with per-node times calibrated on this batch and device."""
+        from .passes.cost import calibrate
+        from .passes.symfold import partition_graph
+
+        opts = self.options
+        sizes = size_values_from_batch(batch)
+        node_times = None
+        if opts.calibrate:
+            params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+            device = batch.positions.device.type
+            node_times = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
+        cap = None if opts.memory_cap_gb is None else opts.memory_cap_gb * 1e9
+        return partition_graph(
+            graph.gm,
+            opts.stages,
+            opts.chunks,
+            opts.partition,
+            node_times=node_times,
+            sizes=sizes,
+            time_limit_s=opts.ilp_time_limit_s,
+            memory_cap_bytes=cap,
+            microbatches_in_flight=opts.microbatches,
+        )
+
+    def partition(self, batch: AtomsBatch):
+        """The partition (units → chunks, split graphs) used for this batch's sizes."""
+        return self._partitions[id(self.joint_graph(batch))]
 
     # -- running -------------------------------------------------------------------------
     def forward(self, batch: AtomsBatch) -> Dict[str, torch.Tensor]:
@@ -78,8 +111,14 @@ class CompiledMLIP(nn.Module):
         """Loss and outputs of one step; parameter gradients added to ``.grad``."""
         graph = self.joint_graph(batch)
         params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
         with torch.no_grad():
-            loss, outputs, grads = graph(params, dict(self.model.named_buffers()), batch)
+            if self.options.pipelined:
+                # Reference execution of the split graphs, in dependency order, in this process.
+                outs = self._partitions[id(graph)].plan.run(graph.flat_inputs(params, buffers, batch))
+                loss, outputs, grads = graph.unflatten(outs)
+            else:
+                loss, outputs, grads = graph(params, buffers, batch)
             for name, g in grads.items():
                 p = params[name]
                 if p.grad is None or not accumulate:
@@ -113,15 +152,13 @@ def compile(
     """Capture ``model`` without Dynamo (works for models Dynamo cannot trace, e.g. e3nn).
 
     ``options`` are the backend options (stages, chunks, microbatches, schedule,
-    dump_dir). With an ``example_batch`` the graphs are captured now (and dumped);
-    otherwise on the first call.
+    partition, dump_dir, ...). With an ``example_batch`` the graphs are captured now (and
+    dumped); otherwise on the first call. With ``stages × chunks > 1`` the joint graph is
+    partitioned (SymFold by default) and `train_step` runs the split (chunk, phase)
+    graphs one after another in this process: the reference the distributed runtime
+    must match.
     """
     opts = JanusOptions.from_mapping(options)
-    if opts.pipelined:
-        raise JanusError(
-            f"stages={opts.stages}, chunks={opts.chunks}: pipeline execution is not available in "
-            "this version yet; compile with stages=1, chunks=1 (the default) for single-process training"
-        )
     compiled = CompiledMLIP(model, opts, loss)
     if example_batch is not None:
         compiled.force_graph(example_batch)

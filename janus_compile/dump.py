@@ -129,3 +129,96 @@ def dump_graphs(dump_dir: Union[str, os.PathLike], force_graph, joint_graph=None
     _write(root / "summary.json", json.dumps(summary(force_graph, joint_graph), indent=2))
     log.info("wrote capture dumps to %s", root)
     return root
+
+
+def graph_as_chunk_dot(graph: fx.Graph, chunk_of: dict, name: str = "partition") -> str:
+    """Graphviz source of a partitioned graph: colour = phase, cluster = chunk."""
+    clusters: dict = {}
+    for n in graph.nodes:
+        clusters.setdefault(chunk_of.get(n.name, "inputs"), []).append(n)
+    out = [f'digraph "{name}" {{', "  rankdir=TB; node [shape=box, style=filled, fontsize=9];"]
+    for key in sorted(clusters, key=lambda k: (isinstance(k, str), k)):
+        label = f"chunk {key}" if not isinstance(key, str) else key
+        out.append(f'  subgraph "cluster_{key}" {{ label="{label}"; color="#999999";')
+        for n in clusters[key]:
+            phase = n.meta.get(PHASE) if n.op == "call_function" else None
+            out.append(f'    "{n.name}" [label="{n.name}", fillcolor="{PHASE_COLOURS.get(phase, "#e0e0e0")}"];')
+        out.append("  }")
+    for n in graph.nodes:
+        for src in n.all_input_nodes:
+            out.append(f'  "{src.name}" -> "{n.name}";')
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def partition_report(partition) -> dict:
+    """Everything a user needs to judge a partition, as JSON-able data."""
+    sol = partition.solution
+    return {
+        "method": partition.method,
+        "stages": partition.stages,
+        "chunks_per_stage": partition.chunks,
+        "units": partition.units.names,
+        "unit_depth": partition.units.depth,
+        "chunk_of_unit": partition.chunk_of_unit,
+        "rank_time_s": partition.rank_times(),
+        "max_over_mean_rank_time": partition.imbalance(),
+        "rank_memory_bytes": partition.rank_memory(),
+        "nodes_moved_off_fold_chunk": partition.plan.placement.moved,
+        "nodes_moved_to_later_phase": partition.plan.placement.rephased,
+        "ilp": None
+        if sol is None
+        else {
+            "status": sol.status,
+            "objective": sol.objective,
+            "bound": sol.bound,
+            "gap": sol.gap,
+            "solve_seconds": sol.solve_seconds,
+            "variables": getattr(sol, "num_variables", None),
+            "constraints": getattr(sol, "num_constraints", None),
+        },
+        "chunks": partition.table(),
+    }
+
+
+def partition_markdown(report: dict) -> str:
+    lines = [
+        f"# {report['method']} partition: P={report['stages']}, K={report['chunks_per_stage']}",
+        "",
+        f"max/mean rank time: {report['max_over_mean_rank_time']:.3f}",
+    ]
+    if report["ilp"]:
+        ilp = report["ilp"]
+        lines.append(f"ILP: {ilp['status']}, objective {ilp['objective']:.6g}, bound {ilp['bound']}, gap {ilp['gap']}, {ilp['solve_seconds']:.2f} s")
+    lines += ["", "| chunk | rank | units | F ms | G ms | GG ms | FB ms | boundary tensors received |", "|---|---|---|---|---|---|---|---|"]
+    for row in report["chunks"]:
+        s = row["seconds"]
+        recv = ", ".join(f"{k} {v['shape']} ({v['bytes'] / 1e3:.1f} kB)" for k, v in row["received"].items())
+        lines.append(
+            f"| {row['chunk']} | {row['rank']} | {', '.join(row['units'])} | "
+            + " | ".join(f"{1e3 * s[p]:.3f}" for p in ("F", "G", "GG", "FB"))
+            + f" | {recv} |"
+        )
+    lines += ["", "| rank | parameters+optimizer (MB) | stash per micro-batch (MB) |", "|---|---|---|"]
+    for r, mem in enumerate(report["rank_memory_bytes"]):
+        lines.append(f"| {r} | {mem['params'] / 1e6:.3f} | {mem['stash_per_microbatch'] / 1e6:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def dump_partition(dump_dir: Union[str, os.PathLike], partition, joint_graph=None) -> Path:
+    """partition.json / partition.md, the ILP as symfold.lp, one file per split graph, the chunk .dot."""
+    root = Path(dump_dir)
+    (root / "split").mkdir(parents=True, exist_ok=True)
+    report = partition_report(partition)
+    _write(root / "partition.json", json.dumps(report, indent=2, default=str))
+    _write(root / "partition.md", partition_markdown(report))
+    if partition.solution is not None and partition.solution.lp_text:
+        _write(root / "symfold.lp", partition.solution.lp_text)
+    for (chunk, phase), group in sorted(partition.plan.groups.items()):
+        header = f"# chunk {chunk}, phase {phase}\n# inputs: {group.inputs}\n# outputs: {group.outputs}\n"
+        _write(root / "split" / f"chunk{chunk:02d}_{phase}.py", header + graph_as_code(group.gm.graph))
+    if joint_graph is not None:
+        _write(root / "partition.dot", graph_as_chunk_dot(joint_graph.gm.graph, partition.plan.placement.chunk))
+        render_svg(root / "partition.dot")
+    log.info("wrote partition dumps to %s", root)
+    return root

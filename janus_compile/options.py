@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 from .errors import JanusError
 
 SCHEDULES = ("wavek", "1f1b", "hanayo", "gpipe")
+PARTITIONS = ("symfold", "even", "unfolded")
 
 
 class OptionsError(JanusError, ValueError):
@@ -26,6 +27,10 @@ class JanusOptions:
     chunks: int = 1
     microbatches: int = 1
     schedule: str = "wavek"
+    partition: str = "symfold"
+    ilp_time_limit_s: float = 30.0
+    memory_cap_gb: Optional[float] = None
+    calibrate: bool = True
     dump_dir: Optional[str] = None
 
     @staticmethod
@@ -46,6 +51,12 @@ class JanusOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise OptionsError(f"option {name!r} must be a positive integer, got {value!r}")
+        if self.partition not in PARTITIONS:
+            raise OptionsError(f"option 'partition' must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.partition == "unfolded" and self.chunks != 1:
+            raise OptionsError("partition='unfolded' (the 1F1B baseline) has one chunk per stage: set chunks=1")
+        if self.ilp_time_limit_s <= 0:
+            raise OptionsError(f"option 'ilp_time_limit_s' must be positive, got {self.ilp_time_limit_s!r}")
         if self.schedule not in SCHEDULES:
             raise OptionsError(f"option 'schedule' must be one of {SCHEDULES}, got {self.schedule!r}")
 

@@ -51,7 +51,10 @@ class JointGraph:
 
     def __call__(self, params, buffers, batch: AtomsBatch):
         """Returns (loss, {output name: tensor}, {param name: grad})."""
-        outs = self.gm(*self.flat_inputs(params, buffers, batch))
+        return self.unflatten(self.gm(*self.flat_inputs(params, buffers, batch)))
+
+    def unflatten(self, outs):
+        """(loss, {output name: tensor}, {param name: grad}) from the flat outputs."""
         k = len(self.output_names)
         return outs[0], dict(zip(self.output_names, outs[1 : 1 + k])), dict(zip(self.param_names, outs[1 + k :]))
 

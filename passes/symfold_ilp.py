@@ -211,12 +211,18 @@ def _memory_lower_bound(problem: PartitionProblem) -> float:
 
 
 def _memory_error(problem: PartitionProblem, lower: float, proven: bool) -> PartitionError:
-    """The message for a memory cap that no in-order partition meets."""
-    how = "at least" if not proven else "more than the cap; the simple lower bound is"
+    """The message for a memory cap that no in-order partition meets, with the figures."""
+    if proven:
+        need = (
+            f"CBC proved that no in-order partition with non-empty chunks fits; the simple lower "
+            f"bound is {lower:.6g} B per rank"
+        )
+    else:
+        need = f"every partition needs at least {lower:.6g} B on some rank"
     return PartitionError(
-        f"no partition fits memory_cap_bytes = {problem.memory_cap_bytes:.6g} B per rank: "
-        f"each rank needs {how} {lower:.6g} B (params·{OPTIMIZER_COPIES} + stash·"
-        f"{problem.microbatches_in_flight} in-flight micro-batches, over P = {problem.stages} ranks). "
+        f"memory_cap_bytes = {problem.memory_cap_bytes:.6g} B per rank is too small: {need} "
+        f"(params·{OPTIMIZER_COPIES} + stash·{problem.microbatches_in_flight} in-flight micro-batches, "
+        f"{len(problem.units)} units over P = {problem.stages} ranks). "
         f"Use more stages, fewer in-flight micro-batches, or a larger cap."
     )
 
@@ -311,8 +317,9 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
         for u in range(n)
         for c in windows[u][:-1]
     }
-    t = pulp.LpVariable("T", lowBound=0)
     scale = _time_scale(problem)
+    # T can not drop below the even share (1 here) or the heaviest unit: free tightening.
+    t = pulp.LpVariable("T", lowBound=_combinatorial_bound(problem) / scale)
 
     def chunk_expr(u: int) -> pulp.LpAffineExpression:
         # Written on x (not y) so that the objective has no constant term: CBC leaves an
