@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .data.batch import REQUIRED_FIELDS, AtomsBatch
+from .data.batch import NORMALIZER_FIELDS, REQUIRED_FIELDS, TARGET_FIELDS, AtomsBatch
 from .dump import dump_graphs, dump_partition
 from .losses import EnergyForceLoss
 from .options import JanusOptions
@@ -56,7 +56,7 @@ class CompiledMLIP(nn.Module):
         if hasattr(self.loss, "check"):
             self.loss.check(batch)
         sizes = size_values_from_batch(batch)
-        targets = [f for f in ("energy", "forces", "stress") if getattr(batch, f) is not None]
+        targets = [f for f in TARGET_FIELDS + NORMALIZER_FIELDS if getattr(batch, f) is not None]
         for graph in self._joint_graphs:
             if not graph.guards.violated(sizes) and graph.target_fields == targets:
                 return graph

@@ -8,7 +8,7 @@ counts (the pipeline runtime does that); ``"mean"`` is the usual per-batch loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -43,17 +43,26 @@ class EnergyForceLoss:
             )
 
     def __call__(self, out: Mapping[str, torch.Tensor], batch: AtomsBatch) -> torch.Tensor:
+        """Means over this batch, or, for a micro-batch (``batch.loss_structures`` and
+        ``batch.loss_atoms`` set), sums divided by the whole batch's counts."""
         loss = out["energy"].new_zeros(())
         if self.energy_weight:
             diff = out["energy"] - batch.energy
             if self.per_atom_energy:
                 n_atoms = torch.zeros_like(diff).index_add(0, batch.batch, torch.ones_like(batch.positions[:, 0]))
                 diff = diff / n_atoms
-            loss = loss + self.energy_weight * (diff**2).mean()
+            loss = loss + self.energy_weight * _mean(diff**2, batch.loss_structures, 1)
         if self.force_weight:
-            loss = loss + self.force_weight * ((out["forces"] - batch.forces) ** 2).mean()
+            loss = loss + self.force_weight * _mean((out["forces"] - batch.forces) ** 2, batch.loss_atoms, 3)
         if self.stress_weight:
             if "stress" not in out:
                 raise BatchError("stress_weight > 0 but the model returns no 'stress': build it with compute_stress=True")
-            loss = loss + self.stress_weight * ((out["stress"] - batch.stress) ** 2).mean()
+            loss = loss + self.stress_weight * _mean((out["stress"] - batch.stress) ** 2, batch.loss_structures, 9)
         return loss
+
+
+def _mean(values: torch.Tensor, count: Optional[torch.Tensor], per_item: int) -> torch.Tensor:
+    """values.mean(), or values.sum() / (count · per_item) for a micro-batch of a larger batch."""
+    if count is None:
+        return values.mean()
+    return values.sum() / (count * per_item)

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..data.batch import TARGET_FIELDS, AtomsBatch
+from ..data.batch import NORMALIZER_FIELDS, TARGET_FIELDS, AtomsBatch
 from ..errors import CaptureError, NoDoubleBackwardError
 from .capture import ForceGraph, _rename_placeholders, _translate_error, _user_frame
 from .fake_inputs import FIELD_DIM, SizeGuards, annotate_named_shapes, fake_input, new_fake_mode
@@ -99,7 +99,7 @@ def build_joint_graph(
     loss_fn: LossFn,
 ) -> JointGraph:
     """Trace loss + parameter gradients of `force_graph` into a labelled `JointGraph`."""
-    targets = [f for f in TARGET_FIELDS if getattr(example_batch, f) is not None]
+    targets = [f for f in TARGET_FIELDS + NORMALIZER_FIELDS if getattr(example_batch, f) is not None]
     example_batch.validate(need=tuple(force_graph.batch_fields))
     fg = force_graph
     mode = new_fake_mode()
@@ -107,6 +107,9 @@ def build_joint_graph(
     fakes += [fake_input(mode, buffers[n], None) for n in fg.buffer_names]
     input_symbols = {s: [] for s in ("atoms", "edges", "structures")}
     for f in fg.batch_fields + targets:
+        if f not in FIELD_DIM:  # a scalar (loss normaliser): nothing symbolic
+            fakes.append(fake_input(mode, getattr(example_batch, f), None))
+            continue
         dim, size = FIELD_DIM[f]
         fake = fake_input(mode, getattr(example_batch, f), dim)
         input_symbols[size].append(fake.shape[dim].node.expr)

@@ -39,9 +39,9 @@ Here "optimal" means proven within 1e-5 of the even share (`MIP_INCREMENT`).
 
 CBC runs single-threaded with a fixed seed so that the same input gives the same
 assignment (unless the time limit cuts the search short: that limit is wall time).
-The even split (`even_partition`) is handed to CBC as a MIP start when it fits the memory
-cap, so a time-limited solve always has a feasible answer at least as good as the
-baseline.
+The better of the even split (`even_partition`) and a split at the cost quantiles is handed
+to CBC as a MIP start when it fits the memory cap, so a time-limited solve always has a
+feasible answer at least as good as the baseline.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -276,6 +277,37 @@ def even_partition(problem: PartitionProblem) -> PartitionSolution:
     )
 
 
+def _cost_quantile_start(problem: PartitionProblem) -> List[int]:
+    """In-order split with cuts nearest the cost quantiles k·Σcost/V: every chunk close to
+    the same time, so every rank close to the even share. A better MIP start than the even
+    unit count when unit costs differ; CBC's own heuristics find such splits slowly."""
+    n, v = len(problem.units), problem.num_chunks
+    prefix = [0.0]
+    for u in problem.units:
+        prefix.append(prefix[-1] + u.total_cost())
+    total = prefix[-1]
+    cuts = [0]  # cuts[k] = index of the first unit of chunk k
+    for k in range(1, v):
+        lo, hi = cuts[-1] + 1, n - (v - k)  # leave a unit for this and every later chunk
+        target = total * k / v
+        cuts.append(min(range(lo, hi + 1), key=lambda i: (abs(prefix[i] - target), i)))
+    cuts.append(n)
+    return [k for k in range(v) for _ in range(cuts[k], cuts[k + 1])]
+
+
+def _mip_start(problem: PartitionProblem) -> Optional[List[int]]:
+    """The better of the even and the cost-quantile split that fits the memory cap, if any."""
+    cap = problem.memory_cap_bytes
+    best: Optional[Tuple[float, List[int]]] = None
+    for cand in (even_partition(problem).chunk_of_unit, _cost_quantile_start(problem)):
+        objective, _, rank_memory, _ = _evaluate(problem, cand)
+        if cap is not None and max(rank_memory) > cap:
+            continue
+        if best is None or objective < best[0]:
+            best = (objective, cand)
+    return best[1] if best else None
+
+
 # ---------------------------------------------------------------------------------------
 # the model
 
@@ -301,25 +333,33 @@ def _time_scale(problem: PartitionProblem) -> float:
     return share if share > 0 else 1.0
 
 
+def _new_var(prob: pulp.LpProblem, name: str, low: Optional[float], up: Optional[float], cat: str) -> pulp.LpVariable:
+    """A variable of ``prob``: PuLP 3 deprecates free-standing ``LpVariable(...)`` in favour
+    of ``prob.add_variable``, which PuLP 2.8 (still allowed by pyproject) lacks."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, low, up, cat=cat)
+    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
+
+
 def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
     """The SymFold ILP (or its LP relaxation, a valid lower bound, when ``relax``)."""
     n, v, p = len(problem.units), problem.num_chunks, problem.stages
     prob = pulp.LpProblem("symfold_relaxed" if relax else "symfold", pulp.LpMinimize)
     windows = [list(_window(u, n, v)) for u in range(n)]
     x = {
-        (u, c): pulp.LpVariable(f"x_u{u}_c{c}", lowBound=0, upBound=1)
+        (u, c): _new_var(prob, f"x_u{u}_c{c}", 0, 1, pulp.LpContinuous)
         for u in range(n)
         for c in windows[u]
     }
     ycat = pulp.LpContinuous if relax else pulp.LpBinary
     y = {
-        (u, c): pulp.LpVariable(f"y_u{u}_c{c}", lowBound=0, upBound=1, cat=ycat)
+        (u, c): _new_var(prob, f"y_u{u}_c{c}", 0, 1, ycat)
         for u in range(n)
         for c in windows[u][:-1]
     }
     scale = _time_scale(problem)
     # T can not drop below the even share (1 here) or the heaviest unit: free tightening.
-    t = pulp.LpVariable("T", lowBound=_combinatorial_bound(problem) / scale)
+    t = _new_var(prob, "T", _combinatorial_bound(problem) / scale, None, pulp.LpContinuous)
 
     def chunk_expr(u: int) -> pulp.LpAffineExpression:
         # Written on x (not y) so that the objective has no constant term: CBC leaves an
@@ -379,15 +419,19 @@ def _solver(problem: PartitionProblem, time_limit: float, log_path: str, warm: b
 
     CBC reads a seed of 0 as "use the time of day", so seeds are shifted by one."""
     seed = int(problem.seed) % 2_147_483_646 + 1
-    return pulp.PULP_CBC_CMD(
-        mip=mip,
-        msg=False,
-        timeLimit=time_limit,
-        threads=1,
-        warmStart=warm,
-        logPath=log_path,
-        options=[f"randomSeed {seed}", f"randomCbcSeed {seed}", f"increment {MIP_INCREMENT}"],
-    )
+    # PuLP 3 deprecates PULP_CBC_CMD (the bundled binary) in favour of a separately
+    # installed CBC behind COIN_CMD; the bundled one is what every install here has.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PULP_CBC_CMD is deprecated", category=DeprecationWarning)
+        return pulp.PULP_CBC_CMD(
+            mip=mip,
+            msg=False,
+            timeLimit=time_limit,
+            threads=1,
+            warmStart=warm,
+            logPath=log_path,
+            options=[f"randomSeed {seed}", f"randomCbcSeed {seed}", f"increment {MIP_INCREMENT}"],
+        )
 
 
 _BEST_POSSIBLE_RE = re.compile(r"best possible\s+([-+0-9.eE]+)")
@@ -444,16 +488,17 @@ def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) ->
 
     model = _build(problem)
     prob = model.prob
-    num_vars, num_cons = len(prob.variables()), len(prob.constraints)
+    num_vars, num_cons = len(prob.variables()), prob.numConstraints()
 
     baseline = even_partition(problem)
-    warm = problem.memory_cap_bytes is None or max(baseline.rank_memory) <= problem.memory_cap_bytes
-    if warm:
+    start = _mip_start(problem)
+    warm = start is not None
+    if start is not None:
         for (u, c), var in model.x.items():
-            var.setInitialValue(1.0 if baseline.chunk_of_unit[u] == c else 0.0)
+            var.setInitialValue(1.0 if start[u] == c else 0.0)
         for (u, c), var in model.y.items():
-            var.setInitialValue(1.0 if baseline.chunk_of_unit[u] <= c else 0.0)
-        model.t.setInitialValue(max(baseline.rank_time) / model.time_scale)
+            var.setInitialValue(1.0 if start[u] <= c else 0.0)
+        model.t.setInitialValue(max(_evaluate(problem, start)[1]) / model.time_scale)
 
     with tempfile.TemporaryDirectory(prefix="symfold_") as tmp:
         path = lp_path or os.path.join(tmp, "symfold.lp")
@@ -465,7 +510,7 @@ def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) ->
             "SymFold ILP: %d units, V = K·P = %d·%d = %d chunks, %d variables, %d constraints, "
             "time limit %.3g s, MIP start %s",
             n, problem.chunks, problem.stages, v, num_vars, num_cons, problem.time_limit_s,
-            "even split" if warm else "none (even split breaks the memory cap)",
+            "best of even / cost-quantile split" if warm else "none (both splits break the memory cap)",
         )
         t_solve = time.perf_counter()
         status = prob.solve(_solver(problem, problem.time_limit_s, log_path, warm=warm))

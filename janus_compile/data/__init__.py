@@ -4,7 +4,7 @@ Also reading/writing labelled extxyz files and a built-in EMT-labelled data set.
 """
 from __future__ import annotations
 
-from .batch import REQUIRED_FIELDS, TARGET_FIELDS, TENSOR_FIELDS, AtomsBatch, BatchError
+from .batch import NORMALIZER_FIELDS, REQUIRED_FIELDS, TARGET_FIELDS, TENSOR_FIELDS, AtomsBatch, BatchError
 from .collate import atoms_to_batch, concat_batches, split_microbatches
 from .emt import emt_dataset, large_structure
 from .extxyz import read_extxyz, write_extxyz
@@ -16,6 +16,7 @@ __all__ = [
     "REQUIRED_FIELDS",
     "TARGET_FIELDS",
     "TENSOR_FIELDS",
+    "NORMALIZER_FIELDS",
     "neighbor_list",
     "atoms_to_batch",
     "split_microbatches",

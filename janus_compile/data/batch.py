@@ -29,7 +29,13 @@ TARGET_FIELDS: tuple[str, ...] = (
     "forces",  # [N, 3] float, eV/Å
     "stress",  # [S, 3, 3] float, eV/Å^3, ASE sign convention (dE/dε / V)
 )
-TENSOR_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + TARGET_FIELDS
+# Full-batch counts a micro-batch's loss is normalised by (0-dim float tensors), so that
+# the losses and gradients of the micro-batches add up to those of the whole batch.
+NORMALIZER_FIELDS: tuple[str, ...] = (
+    "loss_structures",  # structures in the whole batch
+    "loss_atoms",  # atoms in the whole batch
+)
+TENSOR_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + TARGET_FIELDS + NORMALIZER_FIELDS
 
 
 class BatchError(ValueError):
@@ -50,6 +56,8 @@ class AtomsBatch:
     energy: Optional[torch.Tensor] = None
     forces: Optional[torch.Tensor] = None
     stress: Optional[torch.Tensor] = None
+    loss_structures: Optional[torch.Tensor] = None
+    loss_atoms: Optional[torch.Tensor] = None
 
     # -- sizes -------------------------------------------------------------------------
     @property

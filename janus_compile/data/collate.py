@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - ASE < 3.23 kept it in ase.constraints
     from ase.constraints import voigt_6_to_full_3x3_stress
 
-from .batch import TARGET_FIELDS, AtomsBatch, BatchError
+from .batch import NORMALIZER_FIELDS, TARGET_FIELDS, AtomsBatch, BatchError
 from .neighbors import neighbor_list
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,9 @@ def split_microbatches(batch: AtomsBatch, num_microbatches: int) -> list[AtomsBa
         edge_start = torch.searchsorted(edge_struct, torch.arange(n_struct + 1), right=False)
 
     bounds = _partition(sizes.tolist(), num_microbatches)
+    dtype = batch.positions.dtype
+    loss_structures = batch.loss_structures if batch.loss_structures is not None else torch.tensor(float(n_struct), dtype=dtype)
+    loss_atoms = batch.loss_atoms if batch.loss_atoms is not None else torch.tensor(float(batch.num_atoms), dtype=dtype)
     out = []
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
         a0, a1 = int(atom_start[s0]), int(atom_start[s1])
@@ -263,6 +266,8 @@ def split_microbatches(batch: AtomsBatch, num_microbatches: int) -> list[AtomsBa
             energy=None if batch.energy is None else batch.energy[s0:s1],
             forces=None if batch.forces is None else batch.forces[a0:a1],
             stress=None if batch.stress is None else batch.stress[s0:s1],
+            loss_structures=loss_structures,
+            loss_atoms=loss_atoms,
         )
         out.append(part)
     log.debug("split %d structures into micro-batches of %s atoms", n_struct,
@@ -298,7 +303,7 @@ def concat_batches(batches: Sequence[AtomsBatch]) -> AtomsBatch:
     out["edge_index"] = torch.cat(edge_parts, dim=1)
     out["batch"] = torch.cat(batch_parts)
     for name in present:
-        if name in ("edge_index", "batch"):
-            continue
+        if name in ("edge_index", "batch") or name in NORMALIZER_FIELDS:
+            continue  # the normalisers of micro-batches describe the whole: drop them
         out[name] = torch.cat([getattr(b, name) for b in batches])
     return AtomsBatch(**out)
