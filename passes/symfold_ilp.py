@@ -39,8 +39,9 @@ Here "optimal" means proven within 1e-5 of the even share (`MIP_INCREMENT`).
 
 CBC runs single-threaded with a fixed seed so that the same input gives the same
 assignment (unless the time limit cuts the search short: that limit is wall time).
-The better of the even split (`even_partition`) and a split at the cost quantiles is handed
-to CBC as a MIP start when it fits the memory cap, so a time-limited solve always has a
+The better of the even split (`even_partition`) and a split at the cost quantiles, each
+polished by a boundary-move local search, is handed to CBC as a MIP start when it fits
+the memory cap, so a time-limited solve always has a
 feasible answer at least as good as the baseline.
 """
 from __future__ import annotations
@@ -295,11 +296,49 @@ def _cost_quantile_start(problem: PartitionProblem) -> List[int]:
     return [k for k in range(v) for _ in range(cuts[k], cuts[k + 1])]
 
 
+def _polish(problem: PartitionProblem, chunk_of_unit: List[int], max_passes: int = 200) -> List[int]:
+    """Local search: shift single chunk boundaries by one unit while that lowers
+    (objective, Σ rank_time²) and keeps the memory cap. The second key walks across the
+    plateaus of the max so that the ranks under it level out before it can drop."""
+    n, v = len(chunk_of_unit), problem.num_chunks
+    cap = problem.memory_cap_bytes
+
+    def to_chunks(cuts: List[int]) -> List[int]:
+        return [k for k in range(v) for _ in range(cuts[k], cuts[k + 1])]
+
+    def score(cuts: List[int]) -> Optional[Tuple[float, float]]:
+        objective, rank_time, rank_memory, _ = _evaluate(problem, to_chunks(cuts))
+        if cap is not None and max(rank_memory) > cap:
+            return None
+        return objective, sum(t * t for t in rank_time)
+
+    cuts = [chunk_of_unit.index(k) for k in range(v)] + [n]
+    best = score(cuts)
+    if best is None:
+        return chunk_of_unit
+    for _ in range(max_passes):
+        improved = False
+        for k in range(1, v):
+            for step in (-1, 1):
+                moved = cuts[k] + step
+                if not cuts[k - 1] < moved < cuts[k + 1]:
+                    continue
+                trial = cuts[:k] + [moved] + cuts[k + 1 :]
+                s = score(trial)
+                if s is not None and s < best:
+                    cuts, best, improved = trial, s, True
+        if not improved:
+            break
+    return to_chunks(cuts)
+
+
 def _mip_start(problem: PartitionProblem) -> Optional[List[int]]:
-    """The better of the even and the cost-quantile split that fits the memory cap, if any."""
+    """The best split that fits the memory cap among the even and the cost-quantile split,
+    each polished by boundary moves; None if neither fits."""
     cap = problem.memory_cap_bytes
     best: Optional[Tuple[float, List[int]]] = None
     for cand in (even_partition(problem).chunk_of_unit, _cost_quantile_start(problem)):
+        cand = _polish(problem, cand)
         objective, _, rank_memory, _ = _evaluate(problem, cand)
         if cap is not None and max(rank_memory) > cap:
             continue
@@ -510,7 +549,7 @@ def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) ->
             "SymFold ILP: %d units, V = K·P = %d·%d = %d chunks, %d variables, %d constraints, "
             "time limit %.3g s, MIP start %s",
             n, problem.chunks, problem.stages, v, num_vars, num_cons, problem.time_limit_s,
-            "best of even / cost-quantile split" if warm else "none (both splits break the memory cap)",
+            "best of even / cost-quantile split, polished" if warm else "none (both splits break the memory cap)",
         )
         t_solve = time.perf_counter()
         status = prob.solve(_solver(problem, problem.time_limit_s, log_path, warm=warm))

@@ -159,7 +159,7 @@ def test_neighbor_list_falls_back_without_per_axis_pbc(monkeypatch, caplog):
 def test_atoms_to_batch_shapes_and_labels(dataset):
     cutoff = 4.5
     batch = atoms_to_batch(dataset, cutoff)
-    assert batch.present() == TENSOR_FIELDS
+    assert batch.present() == REQUIRED_FIELDS + TARGET_FIELDS
     n = sum(len(a) for a in dataset)
     assert (batch.num_atoms, batch.num_structures) == (n, len(dataset))
     assert batch.positions.dtype == torch.float64 and batch.numbers.dtype == torch.int64
