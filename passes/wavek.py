@@ -1,0 +1,1059 @@
+"""WaveK and the baseline pipeline schedules, lowered to per-rank programs.
+
+A training step is a DAG of tasks ``(chunk, phase group, micro-batch)``: every
+(chunk, phase) group of the split runs once per micro-batch and reads what the groups in
+`PipelineDAG.deps` produced for the same micro-batch. A schedule is an order of tasks per
+rank; `build_programs` turns it into explicit `Compute`/`Send`/`Recv` actions
+(``runtime/program.py``), `validate` proves the programs cannot deadlock and run every
+task exactly once, and `simulate` times them with the calibrated costs.
+
+Schedules (`SCHEDULES`):
+
+- ``gpipe``: every forward-half task (F, G / FWD) of every micro-batch, then every
+  backward-half task (GG, FB / BWD), each half in (group, micro-batch) order;
+- ``1f1b``: the unfolded layout, classic one-forward-one-backward;
+- ``hanayo``: the phase-agnostic wave baseline (see `hanayo`);
+- ``wavek``: ours: list scheduling on the real DAG with the real per-phase costs, the
+  best of a few priority rules and in-flight caps (see `wavek`).
+
+Everything here is deterministic (no randomness, total tie-breaks), so a program set
+is reproducible from the partition and the options alone.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from janus_compile.runtime.program import Compute, GradSync, OptimizerStep, ProgramSet, RankProgram, Recv, Send
+
+from .symfold_ilp import wave_rank
+
+log = logging.getLogger(__name__)
+
+GroupKey = Tuple[int, str]
+Edge = Tuple[GroupKey, GroupKey]
+
+
+class Task(NamedTuple):
+    chunk: int
+    phase: str
+    mb: int
+
+    @property
+    def group(self) -> GroupKey:
+        return (self.chunk, self.phase)
+
+
+class ScheduleError(Exception):
+    """A schedule or program set that cannot run: deadlock, missing or duplicated task."""
+
+
+PHASE_POS = {"F": 0, "G": 1, "GG": 2, "FB": 3, "FWD": 0, "BWD": 1}
+FORWARD_LIKE = frozenset({"F", "G", "FWD"})
+UPWARD = frozenset({"F", "GG", "FWD"})
+PHASE_COLORS = {"F": "#8ecae6", "G": "#ffb703", "GG": "#fb8500", "FB": "#219ebc", "FWD": "#90be6d", "BWD": "#b5838d"}
+MLIP_COSTS = {"F": 1.0, "G": 1.7, "GG": 2.5, "FB": 2.2}
+DEFAULT_BANDWIDTH = 25e9  # bytes/s between two ranks (NVLink-class); override per cluster
+DEFAULT_LATENCY = 20e-6  # seconds per message
+
+
+# ---------------------------------------------------------------------------------------
+# The DAG
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineDAG:
+    """The (chunk, phase group) dependency DAG, its placement and costs, for M micro-batches.
+
+    ``cost`` is seconds per micro-batch of each group; ``deps[g]`` the groups whose outputs
+    ``g`` reads (same micro-batch); ``tensors[(producer, consumer)]`` the value names that
+    flow along an edge and ``nbytes`` their sizes (transfer time = latency + bytes /
+    bandwidth when the two groups sit on different ranks). Edges without ``tensors`` get
+    one zero-byte name per producer.
+    """
+
+    stages: int
+    microbatches: int
+    rank_of_chunk: Dict[int, int]
+    cost: Dict[GroupKey, float]
+    deps: Dict[GroupKey, List[GroupKey]] = field(default_factory=dict)
+    tensors: Dict[Edge, Tuple[str, ...]] = field(default_factory=dict)
+    nbytes: Dict[str, float] = field(default_factory=dict)
+    layout: str = "folded"
+    bandwidth_bytes_per_s: float = math.inf
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.stages < 1 or self.microbatches < 1:
+            raise ValueError(f"need stages >= 1 and microbatches >= 1, got {self.stages}, {self.microbatches}")
+        if self.layout not in ("folded", "unfolded"):
+            raise ValueError(f"layout must be 'folded' or 'unfolded', got {self.layout!r}")
+        self.cost = {(int(c), str(p)): float(t) for (c, p), t in self.cost.items()}
+        self.rank_of_chunk = {int(c): int(r) for c, r in self.rank_of_chunk.items()}
+        deps = {g: [] for g in self.cost}
+        for g, ds in self.deps.items():
+            g = (int(g[0]), str(g[1]))
+            if g not in self.cost:
+                raise ValueError(f"group {g} has dependencies but no cost")
+            for d in ds:
+                d = (int(d[0]), str(d[1]))
+                if d not in self.cost:
+                    raise ValueError(f"group {g} depends on unknown group {d}")
+                if d != g and d not in deps[g]:
+                    deps[g].append(d)
+        self.deps = {g: sorted(ds, key=self._group_sort_key) for g, ds in deps.items()}
+        for g in self.cost:
+            if g[1] not in PHASE_POS:
+                raise ValueError(f"group {g}: unknown phase {g[1]!r}; known {sorted(PHASE_POS)}")
+            if g[0] not in self.rank_of_chunk:
+                raise ValueError(f"group {g}: chunk {g[0]} has no rank")
+            r = self.rank_of_chunk[g[0]]
+            if not 0 <= r < self.stages:
+                raise ValueError(f"chunk {g[0]} on rank {r}, outside 0..{self.stages - 1}")
+        tensors: Dict[Edge, Tuple[str, ...]] = {}
+        for g, ds in self.deps.items():
+            for d in ds:
+                names = tuple(self.tensors.get((d, g), ())) or (f"{d[1].lower()}{d[0]}_out",)
+                tensors[(d, g)] = names
+                for n in names:
+                    self.nbytes.setdefault(n, 0.0)
+        self.tensors = tensors
+        self.groups: List[GroupKey] = self._topological_order()
+        self.succs: Dict[GroupKey, List[GroupKey]] = {g: [] for g in self.groups}
+        for g in self.groups:
+            for d in self.deps[g]:
+                self.succs[d].append(g)
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_partition(
+        cls,
+        partition: Any,
+        microbatches: int,
+        bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH,
+        latency_s: float = DEFAULT_LATENCY,
+    ) -> "PipelineDAG":
+        """The DAG of a real `Partition`: its groups, data-flow dependencies and calibrated times.
+
+        An edge carries the consumer group's inputs that the producer group outputs, sized
+        by ``partition.out_bytes``.
+        """
+        plan = partition.plan
+        layout = "unfolded" if list(plan.layout.groups) == ["FWD", "BWD"] else "folded"
+        cost = {key: 0.0 for key in plan.groups}
+        for (c, p), t in partition.chunk_phase_time().items():
+            key = (c, plan.layout.group(p))
+            cost[key] = cost.get(key, 0.0) + t
+        deps = plan.group_dependencies()
+        tensors: Dict[Edge, Tuple[str, ...]] = {}
+        nbytes: Dict[str, float] = {}
+        for cons, ds in deps.items():
+            for prod in ds:
+                outs = set(plan.groups[prod].outputs)
+                names = tuple(n for n in plan.groups[cons].inputs if n in outs)
+                tensors[(prod, cons)] = names
+                for n in names:
+                    nbytes[n] = float(partition.out_bytes.get(n, 0.0))
+        chunks = sorted({c for c, _ in cost})
+        return cls(
+            stages=partition.stages,
+            microbatches=microbatches,
+            rank_of_chunk={c: partition.rank_of_chunk(c) for c in chunks},
+            cost=cost,
+            deps=deps,
+            tensors=tensors,
+            nbytes=nbytes,
+            layout=layout,
+            bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+            latency_s=latency_s,
+        )
+
+    @classmethod
+    def synthetic(
+        cls,
+        stages: int,
+        chunks: int = 1,
+        microbatches: int = 1,
+        phase_cost: Optional[Mapping[str, float]] = None,
+        layout: str = "folded",
+        boundary_bytes: float = 0.0,
+        stash_bytes: float = 0.0,
+        bandwidth_bytes_per_s: float = math.inf,
+        latency_s: float = 0.0,
+    ) -> "PipelineDAG":
+        """A chain model without a real graph (tests, P=32 studies).
+
+        ``chunks`` is K, chunks per rank (wave placement, V = K·P chunks). ``phase_cost``
+        is the cost of each phase for one rank's share of the model, so a chunk costs
+        ``phase_cost[p] / K`` and the total work does not depend on K or the layout.
+
+        folded: F flows up chunks 0→V-1, G down from the top after the last F, GG up from
+        chunk 0 after G, FB down from the top after GG; every later phase of a chunk also
+        reads the stash of its earlier phases. unfolded (K must be 1): FWD = F+G up,
+        BWD = GG+FB down, BWD reading its own FWD's stash: the 1F1B chain with the same
+        work per chunk. Cross-chunk edges carry ``boundary_bytes``, same-chunk edges
+        ``stash_bytes``.
+        """
+        pc = dict(MLIP_COSTS if phase_cost is None else phase_cost)
+        P, K = stages, chunks
+        cost: Dict[GroupKey, float] = {}
+        deps: Dict[GroupKey, List[GroupKey]] = {}
+        tensors: Dict[Edge, Tuple[str, ...]] = {}
+        nbytes: Dict[str, float] = {}
+
+        def edge(prod: GroupKey, cons: GroupKey) -> None:
+            kind = "stash" if prod[0] == cons[0] else "out"
+            name = f"{prod[1].lower()}{prod[0]}_{kind}"
+            deps.setdefault(cons, []).append(prod)
+            tensors[(prod, cons)] = (name,)
+            nbytes[name] = stash_bytes if kind == "stash" else boundary_bytes
+
+        if layout == "folded":
+            V = P * K
+            rank_of_chunk = {c: wave_rank(c, P) for c in range(V)}
+            for c in range(V):
+                for p in ("F", "G", "GG", "FB"):
+                    cost[(c, p)] = pc.get(p, 0.0) / K
+                    deps.setdefault((c, p), [])
+            for c in range(V):
+                if c > 0:
+                    edge((c - 1, "F"), (c, "F"))
+                    edge((c - 1, "GG"), (c, "GG"))
+                if c < V - 1:
+                    edge((c + 1, "G"), (c, "G"))
+                    edge((c + 1, "FB"), (c, "FB"))
+                edge((c, "F"), (c, "G"))
+                edge((c, "F"), (c, "GG"))
+                edge((c, "G"), (c, "GG"))
+                for p in ("F", "G", "GG"):
+                    edge((c, p), (c, "FB"))
+        elif layout == "unfolded":
+            if K != 1:
+                raise ValueError("the unfolded (1F1B) layout has one chunk per stage: use chunks=1")
+            rank_of_chunk = {c: c for c in range(P)}
+            for c in range(P):
+                cost[(c, "FWD")] = pc.get("F", 0.0) + pc.get("G", 0.0)
+                cost[(c, "BWD")] = pc.get("GG", 0.0) + pc.get("FB", 0.0)
+                deps.setdefault((c, "FWD"), [])
+                if c > 0:
+                    edge((c - 1, "FWD"), (c, "FWD"))
+                if c < P - 1:
+                    edge((c + 1, "BWD"), (c, "BWD"))
+                edge((c, "FWD"), (c, "BWD"))
+        else:
+            raise ValueError(f"layout must be 'folded' or 'unfolded', got {layout!r}")
+        return cls(P, microbatches, rank_of_chunk, cost, deps, tensors, nbytes, layout, bandwidth_bytes_per_s, latency_s)
+
+    # -- queries ------------------------------------------------------------------------
+
+    @staticmethod
+    def _group_sort_key(g: GroupKey) -> Tuple[int, int]:
+        return (PHASE_POS[g[1]], g[0] if g[1] in UPWARD else -g[0])
+
+    def _topological_order(self) -> List[GroupKey]:
+        """Kahn's order, ties broken by phase then chunk in the phase's direction."""
+        import heapq
+
+        indeg = {g: len(ds) for g, ds in self.deps.items()}
+        succs: Dict[GroupKey, List[GroupKey]] = defaultdict(list)
+        for g, ds in self.deps.items():
+            for d in ds:
+                succs[d].append(g)
+        heap = [(self._group_sort_key(g), g) for g, n in indeg.items() if n == 0]
+        heapq.heapify(heap)
+        order = []
+        while heap:
+            _, g = heapq.heappop(heap)
+            order.append(g)
+            for s in succs[g]:
+                indeg[s] -= 1
+                if indeg[s] == 0:
+                    heapq.heappush(heap, (self._group_sort_key(s), s))
+        if len(order) != len(indeg):
+            stuck = sorted(g for g, n in indeg.items() if n > 0)
+            raise ScheduleError(f"the group dependencies have a cycle through {stuck[:6]}")
+        return order
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.rank_of_chunk)
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return max(1, self.num_chunks // self.stages)
+
+    def rank(self, group: GroupKey) -> int:
+        return self.rank_of_chunk[group[0]]
+
+    def groups_on(self, rank: int) -> List[GroupKey]:
+        return [g for g in self.groups if self.rank(g) == rank]
+
+    def edge_bytes(self, prod: GroupKey, cons: GroupKey) -> float:
+        return sum(self.nbytes.get(n, 0.0) for n in self.tensors.get((prod, cons), ()))
+
+    def transfer_time(self, nbytes: float) -> float:
+        return self.latency_s + (nbytes / self.bandwidth_bytes_per_s if nbytes else 0.0)
+
+    def comm_time(self, prod: GroupKey, cons: GroupKey) -> float:
+        if self.rank(prod) == self.rank(cons):
+            return 0.0
+        return self.transfer_time(self.edge_bytes(prod, cons))
+
+    def total_work(self) -> float:
+        return self.microbatches * sum(self.cost.values())
+
+    def tasks(self) -> List[Task]:
+        return [Task(c, p, m) for m in range(self.microbatches) for (c, p) in self.groups]
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-native description (stored in a `ProgramSet`'s meta, read by `validate`)."""
+        return {
+            "stages": self.stages,
+            "microbatches": self.microbatches,
+            "layout": self.layout,
+            "chunks_per_rank": self.chunks_per_rank,
+            "rank_of_chunk": [[c, r] for c, r in sorted(self.rank_of_chunk.items())],
+            "cost_s": [[c, p, self.cost[(c, p)]] for c, p in self.groups],
+            "deps": [[[c, p], [[dc, dp] for dc, dp in self.deps[(c, p)]]] for c, p in self.groups],
+            "edges": [[[a[0], a[1]], [b[0], b[1]], list(names)] for (a, b), names in self.tensors.items()],
+            "bandwidth_bytes_per_s": None if math.isinf(self.bandwidth_bytes_per_s) else self.bandwidth_bytes_per_s,
+            "latency_s": self.latency_s,
+        }
+
+    @classmethod
+    def from_description(cls, meta: Mapping[str, Any]) -> "PipelineDAG":
+        """Rebuild the DAG (without tensor sizes) from `describe` output."""
+        try:
+            return cls(
+                stages=meta["stages"],
+                microbatches=meta["microbatches"],
+                rank_of_chunk={c: r for c, r in meta["rank_of_chunk"]},
+                cost={(c, p): t for c, p, t in meta["cost_s"]},
+                deps={(g[0], g[1]): [(d[0], d[1]) for d in ds] for g, ds in meta["deps"]},
+                tensors={((a[0], a[1]), (b[0], b[1])): tuple(n) for a, b, n in meta.get("edges", [])},
+                layout=meta.get("layout", "folded"),
+                bandwidth_bytes_per_s=meta.get("bandwidth_bytes_per_s") or math.inf,
+                latency_s=meta.get("latency_s", 0.0),
+            )
+        except KeyError as e:
+            raise ScheduleError(f"program meta has no {e.args[0]!r}: pass the PipelineDAG to validate") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules: per-rank task orders
+# ---------------------------------------------------------------------------------------
+
+Orders = Dict[int, List[Task]]
+
+
+def gpipe(dag: PipelineDAG) -> Orders:
+    """All forward-half tasks of all micro-batches, then all backward-half tasks.
+
+    Within a half a rank runs its groups in topological order, each for micro-batches
+    0..M-1; the key (half, group, micro-batch) is monotone along every edge, so each rank's
+    list is a sub-sequence of one global topological order and cannot deadlock.
+    """
+    pos = {g: i for i, g in enumerate(dag.groups)}
+    orders: Orders = {}
+    for r in range(dag.stages):
+        tasks = [Task(c, p, m) for (c, p) in dag.groups_on(r) for m in range(dag.microbatches)]
+        tasks.sort(key=lambda t: (t.phase not in FORWARD_LIKE, pos[t.group], t.mb))
+        orders[r] = tasks
+    return orders
+
+
+def one_f_one_b(dag: PipelineDAG) -> Orders:
+    """Classic 1F1B on the unfolded layout: P-1-r warm-up forwards, then one forward one
+    backward, then the cool-down backwards. "Forward" is a rank's FWD (F+G) groups for a
+    micro-batch, "backward" its BWD (GG+FB) groups."""
+    if dag.layout != "unfolded":
+        raise ScheduleError("1f1b schedules the unfolded layout (FWD/BWD); use gpipe, hanayo or wavek on a folded DAG")
+    P, M = dag.stages, dag.microbatches
+    orders: Orders = {}
+    for r in range(P):
+        fwd = [g for g in dag.groups_on(r) if g[1] in FORWARD_LIKE]
+        bwd = [g for g in dag.groups_on(r) if g[1] not in FORWARD_LIKE]
+
+        def f(m: int) -> List[Task]:
+            return [Task(c, p, m) for c, p in fwd]
+
+        def b(m: int) -> List[Task]:
+            return [Task(c, p, m) for c, p in bwd]
+
+        warmup = min(P - 1 - r, M)
+        order = [t for m in range(warmup) for t in f(m)]
+        nf, nb = warmup, 0
+        while nf < M:
+            order += f(nf) + b(nb)
+            nf, nb = nf + 1, nb + 1
+        while nb < M:
+            order += b(nb)
+            nb += 1
+        orders[r] = order
+    return orders
+
+
+def _tails(dag: PipelineDAG, cost: Mapping[GroupKey, float]) -> Dict[GroupKey, float]:
+    """Longest remaining path (compute + transfers) from the start of each group to the end."""
+    tail: Dict[GroupKey, float] = {}
+    for g in reversed(dag.groups):
+        tail[g] = cost[g] + max((dag.comm_time(g, s) + tail[s] for s in dag.succs[g]), default=0.0)
+    return tail
+
+
+PriorityFn = Callable[[int, int], Tuple]
+RULES = ("deadline", "critical_path", "oldest_first", "backward_first")
+
+
+def _priority(rule: str, dag: PipelineDAG, cost: Mapping[GroupKey, float]) -> PriorityFn:
+    """Key of task (group index, micro-batch): the smallest key runs first.
+
+    - ``deadline``: earliest due date in a periodic schedule whose period is the busiest
+      rank's work per micro-batch: due(g, m) = m·period − tail(g). This is what balances
+      the four phases: the period and the tails come from their real costs;
+    - ``critical_path``: longest remaining path first, then oldest micro-batch;
+    - ``oldest_first``: oldest micro-batch first (depth-first), then longest path;
+    - ``backward_first``: backward-half tasks first (drain, as 1F1B), then oldest
+      micro-batch, then the task furthest along.
+    """
+    groups = dag.groups
+    tail = _tails(dag, cost)
+    t = [tail[g] for g in groups]
+    fwd = [g[1] in FORWARD_LIKE for g in groups]
+    if rule == "deadline":
+        per_rank: Dict[int, float] = defaultdict(float)
+        for g in groups:
+            per_rank[dag.rank(g)] += cost[g]
+        period = max(per_rank.values(), default=0.0)
+        return lambda i, m: (m * period - t[i], m, i)
+    if rule == "critical_path":
+        return lambda i, m: (-t[i], m, i)
+    if rule == "oldest_first":
+        return lambda i, m: (m, -t[i], i)
+    if rule == "backward_first":
+        return lambda i, m: (fwd[i], m, -i)
+    raise ValueError(f"unknown priority rule {rule!r}; known {RULES}")
+
+
+def list_schedule(
+    dag: PipelineDAG, cost: Mapping[GroupKey, float], rule: Any, cap: int, active: bool = False
+) -> Orders:
+    """Greedy list scheduling in simulated time; returns the per-rank task order.
+
+    Whenever a rank is free it starts, among its tasks whose inputs have arrived, the one
+    with the smallest `_priority` key. A micro-batch is in flight on a rank from its
+    first task there until its last; at most ``cap`` are, and new ones are admitted in
+    micro-batch order (which also makes the greedy loop itself deadlock-free: the oldest
+    unfinished micro-batch can always proceed).
+    """
+    if cap < 1:
+        raise ValueError(f"in-flight cap must be >= 1, got {cap}")
+    groups, M, P = dag.groups, dag.microbatches, dag.stages
+    n = len(groups)
+    gi = {g: i for i, g in enumerate(groups)}
+    rank = [dag.rank(g) for g in groups]
+    dur = [cost[g] for g in groups]
+    succs = [[(gi[s], dag.comm_time(g, s)) for s in dag.succs[g]] for g in groups]
+    prio = rule if callable(rule) else _priority(rule, dag, cost)
+    npred = [len(dag.deps[g]) for g in groups]
+    left_preds = [npred[i] for _ in range(M) for i in range(n)]  # index m*n + i
+    ready_at = [0.0] * (n * M)
+    per_rank = [sum(1 for i in range(n) if rank[i] == r) for r in range(P)]
+    left_on_rank = [[per_rank[r]] * M for r in range(P)]
+    ready: List[Dict[int, List[int]]] = [defaultdict(list) for _ in range(P)]
+    for m in range(M):
+        for i in range(n):
+            if npred[i] == 0:
+                ready[rank[i]][m].append(i)
+    inflight: List[set] = [set() for _ in range(P)]
+    next_admit = [0] * P
+    free = [0.0] * P
+    orders: Orders = {r: [] for r in range(P)}
+    decision: List[Optional[Tuple[float, Tuple, int, int]]] = [None] * P
+
+    def decide(r: int) -> Optional[Tuple[float, Tuple, int, int]]:
+        mbs = list(inflight[r])
+        if len(inflight[r]) < cap and next_admit[r] < M:
+            mbs.append(next_admit[r])
+        cands = [(i, m) for m in mbs for i in ready[r].get(m, ())]
+        if not cands:
+            return None
+        t = max(free[r], min(ready_at[m * n + i] for i, m in cands))
+        if active:  # Giffler-Thompson: anything that could start before the first finish
+            horizon = min(max(free[r], ready_at[m * n + i]) + dur[i] for i, m in cands)
+            best = min((prio(i, m), i, m) for i, m in cands if ready_at[m * n + i] < horizon or ready_at[m * n + i] <= t)
+        else:
+            best = min((prio(i, m), i, m) for i, m in cands if ready_at[m * n + i] <= t)
+        return (t, best[0], best[1], best[2])
+
+    for r in range(P):
+        decision[r] = decide(r)
+    remaining = n * M
+    while remaining:
+        r = min((r for r in range(P) if decision[r] is not None), key=lambda r: (decision[r][0], r), default=None)
+        if r is None:
+            raise ScheduleError(f"list scheduling ({rule}, cap {cap}) stalled with {remaining} tasks left")
+        t, _, i, m = decision[r]
+        t = max(t, ready_at[m * n + i])
+        end = t + dur[i]
+        free[r] = end
+        ready[r][m].remove(i)
+        if m not in inflight[r]:
+            inflight[r].add(m)
+            next_admit[r] += 1
+        left_on_rank[r][m] -= 1
+        if left_on_rank[r][m] == 0:
+            inflight[r].discard(m)
+        orders[r].append(Task(groups[i][0], groups[i][1], m))
+        remaining -= 1
+        dirty = {r}
+        for s, comm in succs[i]:
+            k = m * n + s
+            ready_at[k] = max(ready_at[k], end + comm)
+            left_preds[k] -= 1
+            if left_preds[k] == 0:
+                ready[rank[s]][m].append(s)
+                dirty.add(rank[s])
+        for d in dirty:
+            decision[d] = decide(d)
+    return orders
+
+
+def hanayo(dag: PipelineDAG, max_in_flight: Optional[int] = None) -> Orders:
+    """Hanayo's wave schedule, as we read it: phase-agnostic.
+
+    Hanayo (wave placement, the baseline uses K=2 chunks per rank) orders a wave like
+    1F1B does a chain, assuming backward ≈ 2 × forward as for ordinary models. Our
+    interpretation on the folded four-phase DAG: the same list scheduler as WaveK, but
+    fed assumed costs (F and G cost u, GG and FB cost 2u, u chosen so the total work
+    matches the real one, real transfer times) and one fixed rule, ``backward_first``
+    (drain before admitting new work, like 1F1B), with at most P micro-batches in flight.
+    The order is then run with the real costs, which is where it loses.
+    """
+    if dag.layout != "folded":
+        raise ScheduleError("hanayo schedules the folded (wave) layout; use 1f1b or gpipe on an unfolded DAG")
+    weight = {g: 1.0 if g[1] in FORWARD_LIKE else 2.0 for g in dag.groups}
+    total = sum(dag.cost.values())
+    u = total / sum(weight.values()) if total > 0 else 1.0
+    assumed = {g: u * w for g, w in weight.items()}
+    return list_schedule(dag, assumed, "backward_first", max_in_flight or dag.stages)
+
+
+@dataclass
+class SearchResult:
+    orders: Orders
+    rule: str
+    cap: int
+    makespan: float
+    candidates: List[Tuple[str, int, float]]
+
+
+def wavek_search(
+    dag: PipelineDAG,
+    max_in_flight: Optional[int] = None,
+    rules: Sequence[str] = RULES,
+    caps: Optional[Sequence[int]] = None,
+) -> SearchResult:
+    """Try each priority rule × in-flight cap (≤ ``max_in_flight``, default P) on the
+    real costs, simulate the resulting programs, keep the shortest makespan (first
+    candidate wins ties, so the choice is deterministic)."""
+    top = max_in_flight or dag.stages
+    if caps is None:
+        caps = sorted({top, max(1, top - 1), max(1, (3 * top + 3) // 4), max(1, (top + 1) // 2)}, reverse=True)
+    if any(c > top for c in caps):
+        raise ValueError(f"caps {list(caps)} exceed max_in_flight={top}")
+    best: Optional[SearchResult] = None
+    cands: List[Tuple[str, int, float]] = []
+    for rule in rules:
+        for cap in caps:
+            orders = list_schedule(dag, dag.cost, rule, cap)
+            ms = simulate(build_programs(dag, orders, "wavek"), dag).makespan
+            cands.append((rule, cap, ms))
+            log.debug("wavek candidate %s cap=%d: makespan %.6g", rule, cap, ms)
+            if best is None or ms < best.makespan * (1 - 1e-9):
+                best = SearchResult(orders, rule, cap, ms, cands)
+    assert best is not None
+    log.info("wavek: rule %s, cap %d, simulated makespan %.6g s (%d candidates)", best.rule, best.cap, best.makespan, len(cands))
+    return best
+
+
+def wavek(dag: PipelineDAG, max_in_flight: Optional[int] = None, **kw: Any) -> Orders:
+    """WaveK: the four-phase-aware schedule (see `wavek_search`), as per-rank orders."""
+    return wavek_search(dag, max_in_flight, **kw).orders
+
+
+SCHEDULES: Dict[str, Callable[..., Orders]] = {"gpipe": gpipe, "1f1b": one_f_one_b, "hanayo": hanayo, "wavek": wavek}
+
+
+# ---------------------------------------------------------------------------------------
+# Lowering to programs
+# ---------------------------------------------------------------------------------------
+
+
+def _message_tensors(dag: PipelineDAG) -> Dict[Tuple[GroupKey, int], Tuple[str, ...]]:
+    """(producer group, destination rank) → the values sent: union over consumers there."""
+    out: Dict[Tuple[GroupKey, int], List[str]] = {}
+    for g in dag.groups:
+        src = dag.rank(g)
+        for s in dag.succs[g]:
+            dst = dag.rank(s)
+            if dst == src:
+                continue
+            names = out.setdefault((g, dst), [])
+            names += [n for n in dag.tensors[(g, s)] if n not in names]
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def build_programs(dag: PipelineDAG, orders: Orders, schedule: str = "custom") -> ProgramSet:
+    """Per-rank task orders → programs with explicit messages.
+
+    One message per (producer group, micro-batch, destination rank), sent right after the
+    producing compute. Receives go just before the first consumer, except that a channel
+    (src, dst) is FIFO: to take message k a rank first takes the messages sent before it
+    on that channel. That never waits longer than message k itself would, so it adds no
+    deadlock to a deadlock-free order.
+    """
+    expected = set(dag.tasks())
+    seen: Dict[Task, int] = {}
+    for r, order in orders.items():
+        for t in order:
+            if t in seen:
+                raise ScheduleError(f"task {t} is scheduled twice (ranks {seen[t]} and {r})")
+            if t not in expected:
+                raise ScheduleError(f"rank {r}: task {t} is not in the DAG")
+            if dag.rank(t.group) != r:
+                raise ScheduleError(f"task {t} is on rank {r}, but chunk {t.chunk} lives on rank {dag.rank(t.group)}")
+            seen[t] = r
+    missing = expected - set(seen)
+    if missing:
+        raise ScheduleError(f"{len(missing)} tasks are never scheduled, e.g. {sorted(missing)[:4]}")
+    msg = _message_tensors(dag)
+    dsts = {g: sorted({dst for (h, dst) in msg if h == g}) for g in dag.groups}
+    channel: Dict[Tuple[int, int], List[Tuple[GroupKey, int]]] = defaultdict(list)
+    for r in range(dag.stages):
+        for t in orders.get(r, []):
+            for dst in dsts[t.group]:
+                channel[(r, dst)].append((t.group, t.mb))
+    programs = []
+    for r in range(dag.stages):
+        actions: List[Any] = []
+        taken: Dict[int, int] = defaultdict(int)
+        got: set = set()
+        for t in orders.get(r, []):
+            for d in dag.deps[t.group]:
+                src = dag.rank(d)
+                if src == r or (d, t.mb) in got:
+                    continue
+                queue = channel[(src, r)]
+                while True:
+                    if taken[src] >= len(queue):
+                        raise ScheduleError(f"rank {r} needs {d} mb {t.mb} from rank {src}, which never sends it")
+                    g, m = queue[taken[src]]
+                    taken[src] += 1
+                    got.add((g, m))
+                    actions.append(Recv(msg[(g, r)], src, g[0], g[1], m))
+                    if (g, m) == (d, t.mb):
+                        break
+            actions.append(Compute(t.chunk, t.phase, t.mb))
+            for dst in dsts[t.group]:
+                actions.append(Send(msg[(t.group, dst)], dst, t.chunk, t.phase, t.mb))
+        for src in range(dag.stages):
+            if taken[src] != len(channel.get((src, r), ())):
+                raise ScheduleError(f"rank {r} never receives {len(channel[(src, r)]) - taken[src]} messages from rank {src}")
+        actions += [GradSync(), OptimizerStep()]
+        programs.append(RankProgram(r, actions))
+    meta = {"schedule": schedule, **dag.describe()}
+    return ProgramSet(dag.stages, programs, meta)
+
+
+def make_programs(dag: PipelineDAG, schedule: str = "wavek", **kw: Any) -> ProgramSet:
+    """Schedule, lower, validate and simulate: the program set a runtime executes."""
+    if schedule not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+    extra: Dict[str, Any] = {}
+    if schedule == "wavek":
+        found = wavek_search(dag, **kw)
+        orders = found.orders
+        extra = {"wavek_rule": found.rule, "wavek_cap": found.cap}
+    else:
+        orders = SCHEDULES[schedule](dag, **kw)
+    programs = build_programs(dag, orders, schedule)
+    validate(programs, dag)
+    sim = simulate(programs, dag)
+    programs.meta.update(extra)
+    programs.meta["simulated"] = {
+        "makespan_s": sim.makespan,
+        "bubble_fraction": sim.bubble_fraction,
+        "efficiency": sim.efficiency,
+        "peak_in_flight": sim.peak_in_flight,
+        "peak_stash_bytes": sim.peak_stash_bytes,
+    }
+    log.info("%s: P=%d M=%d simulated makespan %.6g s, bubble %.1f%%", schedule, dag.stages, dag.microbatches, sim.makespan, 100 * sim.bubble_fraction)
+    return programs
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: deadlock freedom and completeness
+# ---------------------------------------------------------------------------------------
+
+
+def _where(rank: int, index: int, action: Any) -> str:
+    return f"rank {rank} action #{index} {action.render()}"
+
+
+def validate(programs: ProgramSet, dag: Optional[PipelineDAG] = None) -> None:
+    """Raise `ScheduleError` unless the programs run every task exactly once, on its rank,
+    with every input available, and cannot deadlock.
+
+    Semantics: sends are asynchronous, receives block; each (src, dst) pair is one FIFO
+    channel, and a Recv must match the message at the head of its channel (same tag and
+    tensor list). A rank whose Recv can never match is stuck; when no rank can move and
+    some have not finished, that is a deadlock, reported with each stuck rank, its action
+    and the channel. ``dag`` defaults to the description stored in ``programs.meta``.
+    """
+    dag = dag if dag is not None else PipelineDAG.from_description(programs.meta)
+    P = programs.stages
+    if P != dag.stages:
+        raise ScheduleError(f"{P} rank programs for a DAG with {dag.stages} stages")
+    where: Dict[Task, Tuple[int, int]] = {}
+    for prog in programs.programs:
+        r = prog.rank
+        n_sync = n_step = 0
+        for i, a in enumerate(prog.actions):
+            if isinstance(a, Compute):
+                t = Task(a.chunk, a.phase, a.mb)
+                if a.group not in dag.cost or not 0 <= a.mb < dag.microbatches:
+                    raise ScheduleError(f"{_where(r, i, a)}: no such task in the DAG")
+                if dag.rank(a.group) != r:
+                    raise ScheduleError(f"{_where(r, i, a)}: chunk {a.chunk} lives on rank {dag.rank(a.group)}")
+                if t in where:
+                    r0, i0 = where[t]
+                    raise ScheduleError(f"task {t} runs twice: rank {r0} action #{i0} and rank {r} action #{i}")
+                if n_step:
+                    raise ScheduleError(f"{_where(r, i, a)}: compute after the optimizer step")
+                where[t] = (r, i)
+            elif isinstance(a, (Send, Recv)):
+                peer = a.dst if isinstance(a, Send) else a.src
+                if not 0 <= peer < P or peer == r:
+                    raise ScheduleError(f"{_where(r, i, a)}: peer rank {peer} is invalid")
+                if isinstance(a, Send) and dag.rank_of_chunk.get(a.chunk) != r:
+                    raise ScheduleError(f"{_where(r, i, a)}: sends for chunk {a.chunk}, which is not on rank {r}")
+            elif isinstance(a, GradSync):
+                n_sync += 1
+            elif isinstance(a, OptimizerStep):
+                n_step += 1
+                if n_sync == 0 and any(isinstance(b, GradSync) for b in prog.actions):
+                    raise ScheduleError(f"{_where(r, i, a)}: optimizer step before the gradient sync")
+        if n_sync > 1 or n_step > 1:
+            raise ScheduleError(f"rank {r}: {n_sync} grad syncs and {n_step} optimizer steps (at most one each)")
+    missing = [t for t in dag.tasks() if t not in where]
+    if missing:
+        raise ScheduleError(f"{len(missing)} tasks never run, e.g. {missing[:4]} (each task must appear exactly once)")
+    _run_abstract(programs, dag)
+
+
+def _run_abstract(programs: ProgramSet, dag: PipelineDAG) -> None:
+    P = programs.stages
+    acts = [p.actions for p in programs.programs]
+    pc = [0] * P
+    queues: Dict[Tuple[int, int], deque] = defaultdict(deque)
+    done: List[set] = [set() for _ in range(P)]
+    received: List[Dict[Tuple[int, str, int], Tuple[str, ...]]] = [{} for _ in range(P)]
+    while True:
+        progress = False
+        for r in range(P):
+            while pc[r] < len(acts[r]):
+                a = acts[r][pc[r]]
+                if isinstance(a, Compute):
+                    for d in dag.deps[a.group]:
+                        src = dag.rank(d)
+                        tag = (d[0], d[1], a.mb)
+                        if src == r:
+                            if (d, a.mb) not in done[r]:
+                                raise ScheduleError(f"{_where(r, pc[r], a)}: input group {d} mb {a.mb} (same rank) has not run yet")
+                            continue
+                        if tag not in received[r]:
+                            raise ScheduleError(
+                                f"{_where(r, pc[r], a)}: input from group {d} mb {a.mb} on rank {src} was not received before "
+                                f"(no prior recv(..., src={src}, group={d}, mb={a.mb}))"
+                            )
+                        need = [n for n in dag.tensors.get((d, a.group), ()) if n not in received[r][tag]]
+                        if need:
+                            raise ScheduleError(f"{_where(r, pc[r], a)}: values {need} of group {d} mb {a.mb} were never received")
+                    done[r].add((a.group, a.mb))
+                elif isinstance(a, Send):
+                    if ((a.chunk, a.phase), a.mb) not in done[r]:
+                        raise ScheduleError(f"{_where(r, pc[r], a)}: sends values its rank has not computed yet")
+                    queues[(r, a.dst)].append((r, pc[r], a))
+                elif isinstance(a, Recv):
+                    q = queues[(a.src, r)]
+                    if not q or q[0][2].tag != a.tag or q[0][2].tensors != a.tensors:
+                        break  # blocked (for now, or for ever if the head does not match)
+                    q.popleft()
+                    received[r][a.tag] = a.tensors
+                pc[r] += 1
+                progress = True
+        if all(pc[r] == len(acts[r]) for r in range(P)):
+            break
+        if not progress:
+            raise ScheduleError(_deadlock_report(programs, pc, queues))
+    leftover = [(ch, q) for ch, q in sorted(queues.items()) if q]
+    if leftover:
+        (src, dst), q = leftover[0]
+        r, i, a = q[0]
+        raise ScheduleError(f"{_where(r, i, a)} is never received: channel {src}->{dst} still holds {len(q)} message(s) at the end")
+
+
+def _deadlock_report(programs: ProgramSet, pc: List[int], queues: Mapping[Tuple[int, int], deque]) -> str:
+    lines = ["deadlock: no rank can make progress"]
+    acts = [p.actions for p in programs.programs]
+    for r, prog in enumerate(acts):
+        if pc[r] == len(prog):
+            continue
+        a = prog[pc[r]]
+        ch = f"channel {a.src}->{r}"
+        q = queues.get((a.src, r))
+        if q:
+            s_rank, s_i, s = q[0]
+            why = f"{ch} holds {s.render()} (rank {s_rank} action #{s_i}) at its head, not this message"
+        else:
+            sender = acts[a.src]
+            match = [j for j, b in enumerate(sender) if isinstance(b, Send) and b.dst == r and b.tag == a.tag]
+            if not match:
+                why = f"{ch} is empty and rank {a.src} has no matching send"
+            elif pc[a.src] == len(sender):
+                why = f"{ch} is empty and rank {a.src} finished"
+            else:
+                why = f"{ch} is empty; rank {a.src} sends it at action #{match[0]} but is stuck at action #{pc[a.src]}"
+        lines.append(f"  {_where(r, pc[r], a)} waits: {why}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Simulation
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    """Simulated timing of one step: compute from the DAG's costs, transfers in parallel
+    with compute (serialised per channel), receives blocking."""
+
+    makespan: float
+    busy: List[float]
+    bubble_fraction: float
+    peak_in_flight: List[int]
+    peak_stash_bytes: List[float]
+    timeline: List[Tuple[int, float, float, Task]]
+    stages: int
+    microbatches: int
+    transfers: List[Tuple[int, int, float, float, Tuple[int, str, int]]] = field(default_factory=list)
+
+    @property
+    def ideal(self) -> float:
+        """Total compute / P: the makespan with no bubble at all."""
+        return sum(self.busy) / self.stages
+
+    @property
+    def efficiency(self) -> float:
+        return self.ideal / self.makespan if self.makespan > 0 else 1.0
+
+    @property
+    def throughput(self) -> float:
+        """Micro-batches per second."""
+        return self.microbatches / self.makespan if self.makespan > 0 else math.inf
+
+
+def _peak(events: Iterable[Tuple[float, float]]) -> float:
+    """Peak of a running sum of (time, delta) events; releases before acquisitions on ties."""
+    level = peak = 0.0
+    for _, d in sorted(events, key=lambda e: (e[0], e[1])):
+        level += d
+        peak = max(peak, level)
+    return peak
+
+
+def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
+    """Time the programs: compute from ``dag.cost``, a transfer takes latency + bytes /
+    bandwidth and starts when both the send is issued and the channel is free."""
+    P = programs.stages
+    acts = [p.actions for p in programs.programs]
+    pc = [0] * P
+    clock = [0.0] * P
+    chan_free: Dict[Tuple[int, int], float] = defaultdict(float)
+    queues: Dict[Tuple[int, int], deque] = defaultdict(deque)
+    start: Dict[Tuple[GroupKey, int], float] = {}
+    end: Dict[Tuple[GroupKey, int], float] = {}
+    arrival: Dict[Tuple[GroupKey, int, int], float] = {}  # (group, mb, dst)
+    recv_done: Dict[Tuple[GroupKey, int, int], float] = {}
+    timeline: List[Tuple[int, float, float, Task]] = []
+    transfers: List[Tuple[int, int, float, float, Tuple[int, str, int]]] = []
+    while True:
+        progress = False
+        for r in range(P):
+            while pc[r] < len(acts[r]):
+                a = acts[r][pc[r]]
+                if isinstance(a, Compute):
+                    t0 = clock[r]
+                    clock[r] = t0 + dag.cost[a.group]
+                    start[(a.group, a.mb)], end[(a.group, a.mb)] = t0, clock[r]
+                    timeline.append((r, t0, clock[r], Task(a.chunk, a.phase, a.mb)))
+                elif isinstance(a, Send):
+                    nbytes = sum(dag.nbytes.get(n, 0.0) for n in a.tensors)
+                    xfer = nbytes / dag.bandwidth_bytes_per_s if nbytes else 0.0
+                    go = max(clock[r], chan_free[(r, a.dst)])
+                    chan_free[(r, a.dst)] = go + xfer
+                    arr = go + xfer + dag.latency_s
+                    arrival[((a.chunk, a.phase), a.mb, a.dst)] = arr
+                    queues[(r, a.dst)].append(arr)
+                    transfers.append((r, a.dst, go, arr, a.tag))
+                elif isinstance(a, Recv):
+                    q = queues[(a.src, r)]
+                    if not q:
+                        break
+                    clock[r] = max(clock[r], q.popleft())
+                    recv_done[((a.chunk, a.phase), a.mb, r)] = clock[r]
+                pc[r] += 1
+                progress = True
+        if all(pc[r] == len(acts[r]) for r in range(P)):
+            break
+        if not progress:
+            raise ScheduleError(_deadlock_report(programs, pc, queues))
+    makespan = max(clock, default=0.0)
+    busy = [0.0] * P
+    first: Dict[Tuple[int, int], float] = {}
+    last: Dict[Tuple[int, int], float] = {}
+    for r, t0, t1, t in timeline:
+        busy[r] += t1 - t0
+        key = (r, t.mb)
+        first[key] = min(first.get(key, t0), t0)
+        last[key] = max(last.get(key, t1), t1)
+    flight: List[List[Tuple[float, float]]] = [[] for _ in range(P)]
+    for (r, _m), t0 in first.items():
+        flight[r] += [(t0, 1.0), (last[(r, _m)], -1.0)]
+    stash = _stash_events(dag, end, arrival, recv_done)
+    total_busy = sum(busy)
+    bubble = 1.0 - total_busy / (P * makespan) if makespan > 0 else 0.0
+    return SimResult(
+        makespan=makespan,
+        busy=busy,
+        bubble_fraction=bubble,
+        peak_in_flight=[int(_peak(f)) for f in flight],
+        peak_stash_bytes=[_peak(s) for s in stash],
+        timeline=timeline,
+        stages=P,
+        microbatches=dag.microbatches,
+        transfers=transfers,
+    )
+
+
+def _stash_events(
+    dag: PipelineDAG,
+    end: Mapping[Tuple[GroupKey, int], float],
+    arrival: Mapping[Tuple[GroupKey, int, int], float],
+    recv_done: Mapping[Tuple[GroupKey, int, int], float],
+) -> List[List[Tuple[float, float]]]:
+    """Per rank, (time, ±bytes) of every value held between groups.
+
+    A value lives on its producer's rank from the producer's end until its last local
+    reader ends and its sends have arrived; on a receiving rank from the receive until
+    its last reader there ends. Each value counts once per rank, whatever its readers.
+    """
+    readers: Dict[Tuple[GroupKey, str], List[GroupKey]] = defaultdict(list)
+    for (prod, cons), names in dag.tensors.items():
+        for n in names:
+            readers[(prod, n)].append(cons)
+    events: List[List[Tuple[float, float]]] = [[] for _ in range(dag.stages)]
+    for (prod, name), cons in readers.items():
+        size = dag.nbytes.get(name, 0.0)
+        if size <= 0:
+            continue
+        src = dag.rank(prod)
+        by_rank: Dict[int, List[GroupKey]] = defaultdict(list)
+        for c in cons:
+            by_rank[dag.rank(c)].append(c)
+        for m in range(dag.microbatches):
+            if (prod, m) not in end:
+                continue
+            for r, cs in by_rank.items():
+                t_free = max(end.get((c, m), 0.0) for c in cs)
+                if r == src:
+                    t_avail = end[(prod, m)]
+                else:
+                    t_avail = recv_done.get((prod, m, r), end[(prod, m)])
+                events[r] += [(t_avail, size), (max(t_free, t_avail), -size)]
+            remote = [arrival[(prod, m, r)] for r in by_rank if r != src and (prod, m, r) in arrival]
+            if remote and src not in by_rank:
+                events[src] += [(end[(prod, m)], size), (max(remote), -size)]
+            elif remote:
+                # already counted locally until the last local reader; extend to the sends
+                t_local = max(end.get((c, m), 0.0) for c in by_rank[src])
+                if max(remote) > t_local:
+                    events[src] += [(t_local, size), (max(remote), -size)]
+    return events
+
+
+# ---------------------------------------------------------------------------------------
+# Gantt chart
+# ---------------------------------------------------------------------------------------
+
+
+def gantt_svg(result: SimResult, path: Optional[str] = None, title: str = "") -> str:
+    """A Gantt chart of the simulated timeline as SVG (hand-written, no plotting library):
+    one row per rank, one box per task coloured by phase, the micro-batch number inside."""
+    from xml.sax.saxutils import escape
+
+    width, left, right, top, row_h, gap = 1200.0, 70.0, 20.0, 50.0, 28.0, 6.0
+    P = result.stages
+    span = result.makespan if result.makespan > 0 else 1.0
+    scale = (width - left - right) / span
+    height = top + P * (row_h + gap) + 60.0
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif">',
+        f'<rect x="0" y="0" width="{width:.0f}" height="{height:.0f}" fill="white"/>',
+        f'<text x="{left:.1f}" y="22" font-size="15" font-weight="bold">{escape(title)}</text>',
+        f'<text x="{left:.1f}" y="40" font-size="11">makespan {result.makespan:.6g}, bubble '
+        f"{100 * result.bubble_fraction:.1f}%, efficiency {100 * result.efficiency:.1f}%</text>",
+    ]
+    for r in range(P):
+        y = top + r * (row_h + gap)
+        out.append(f'<text x="{left - 8:.1f}" y="{y + row_h * 0.65:.1f}" font-size="12" text-anchor="end">rank {r}</text>')
+        out.append(f'<rect x="{left:.1f}" y="{y:.1f}" width="{span * scale:.1f}" height="{row_h:.1f}" fill="#f3f3f3"/>')
+    for r, t0, t1, task in result.timeline:
+        x, w = left + t0 * scale, max((t1 - t0) * scale, 0.5)
+        y = top + r * (row_h + gap)
+        colour = PHASE_COLORS.get(task.phase, "#cccccc")
+        label = f"{task.phase} c{task.chunk} mb{task.mb} [{t0:.4g}, {t1:.4g}]"
+        out.append(
+            f'<rect x="{x:.2f}" y="{y:.1f}" width="{w:.2f}" height="{row_h:.1f}" fill="{colour}" '
+            f'stroke="#333" stroke-width="0.4"><title>{escape(label)}</title></rect>'
+        )
+        size = min(11.0, w / max(1, len(str(task.mb))) * 1.4, row_h * 0.6)
+        out.append(
+            f'<text x="{x + w / 2:.2f}" y="{y + row_h / 2 + size * 0.35:.2f}" font-size="{size:.1f}" '
+            f'text-anchor="middle">{task.mb}</text>'
+        )
+    y_axis = top + P * (row_h + gap)
+    for k in range(11):
+        t = span * k / 10
+        x = left + t * scale
+        out.append(f'<line x1="{x:.1f}" y1="{top - 4:.1f}" x2="{x:.1f}" y2="{y_axis:.1f}" stroke="#999" stroke-width="0.3"/>')
+        out.append(f'<text x="{x:.1f}" y="{y_axis + 14:.1f}" font-size="10" text-anchor="middle">{t:.3g}</text>')
+    phases = sorted({t.phase for *_, t in result.timeline}, key=lambda p: (PHASE_POS.get(p, 9), p))
+    for k, p in enumerate(phases):
+        x = left + k * 80
+        out.append(f'<rect x="{x:.1f}" y="{y_axis + 26:.1f}" width="14" height="14" fill="{PHASE_COLORS.get(p, "#ccc")}"/>')
+        out.append(f'<text x="{x + 18:.1f}" y="{y_axis + 37:.1f}" font-size="12">{escape(p)}</text>')
+    out.append("</svg>")
+    svg = "\n".join(out) + "\n"
+    if path is not None:
+        with open(path, "w") as f:
+            f.write(svg)
+        log.info("wrote Gantt chart to %s", path)
+    return svg

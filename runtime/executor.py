@@ -1,0 +1,171 @@
+"""Runs one rank's program: compute split graphs, move tensors, accumulate gradients.
+
+The executor is deliberately small: the schedule (what runs when, what is sent where)
+is decided beforehand and written in the rank's `RankProgram`; here each action is
+carried out over torch.distributed point-to-point (gloo on CPU, NCCL on CUDA).
+
+- Values live in one environment per micro-batch, keyed by joint-graph node names; a
+  value is dropped after its last use on this rank (stash memory is freed as soon as
+  the later phase that needed it has run).
+- Receive buffers are allocated from the symbolic shape of the tensor evaluated at the
+  micro-batch's sizes (atoms, edges, structures): no shape handshake.
+- Messages on one (src, dst) channel carry increasing tags, so they match in program
+  order; the program validator guarantees both sides agree on that order.
+- Sends are asynchronous (``isend``) and overlap the following computation; they are
+  completed at the end of the step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import sympy
+import torch
+import torch.distributed as dist
+
+from .program import Compute, GradSync, OptimizerStep, Recv, RankProgram, Send
+
+log = logging.getLogger(__name__)
+
+GroupKey = Tuple[int, str]
+
+
+@dataclass
+class TensorSpec:
+    """Shape (sympy expressions in atoms / edges / structures, as text) and dtype of a message."""
+
+    shape: Tuple[str, ...]
+    dtype: torch.dtype
+
+    def materialise(self, sizes: Mapping[str, int], device: torch.device) -> torch.Tensor:
+        symbols = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
+        dims = [int(sympy.sympify(s, locals={k: sympy.Symbol(k, integer=True, positive=True) for k in sizes}).xreplace(symbols)) for s in self.shape]
+        return torch.empty(dims, dtype=self.dtype, device=device)
+
+
+@dataclass
+class StageGraphs:
+    """What a rank needs to run its share: the split graphs and how to wire them.
+
+    Picklable (GraphModules pickle as code), so a launcher can hand it to workers.
+    """
+
+    groups: Dict[GroupKey, Any]  # (chunk, phase) -> fx.GraphModule
+    inputs: Dict[GroupKey, List[str]]
+    outputs: Dict[GroupKey, List[str]]
+    input_names: List[str]  # joint-graph placeholders, in order
+    output_args: List[Any]  # joint-graph outputs: node names or constants
+    specs: Dict[str, TensorSpec]  # every value that may cross ranks
+
+    @staticmethod
+    def from_plan(plan) -> "StageGraphs":
+        specs: Dict[str, TensorSpec] = {}
+        for g in plan.groups.values():
+            for node in g.gm.graph.nodes:
+                if node.op == "placeholder" and "shape" in node.meta and isinstance(node.meta.get("dtype"), torch.dtype):
+                    specs[node.name] = TensorSpec(tuple(str(s) for s in node.meta["shape"]), node.meta["dtype"])
+        return StageGraphs(
+            {k: g.gm for k, g in plan.groups.items()},
+            {k: list(g.inputs) for k, g in plan.groups.items()},
+            {k: list(g.outputs) for k, g in plan.groups.items()},
+            list(plan.input_names),
+            list(plan.output_args),
+            specs,
+        )
+
+
+@dataclass
+class StepResult:
+    outputs: Dict[int, Dict[str, torch.Tensor]]  # mb -> joint output name -> value (those this rank computed)
+    trace: List[Dict[str, Any]] = field(default_factory=list)  # Chrome-trace events
+
+
+class RankExecutor:
+    def __init__(self, rank: int, graphs: StageGraphs, program: RankProgram, device: torch.device) -> None:
+        self.rank = rank
+        self.graphs = graphs
+        self.program = program
+        self.device = device
+        # last use of every value on this rank, per micro-batch: free it afterwards
+        self._last_use: Dict[Tuple[int, str], int] = {}
+        for k, action in enumerate(program.actions):
+            if isinstance(action, Compute):
+                for name in graphs.inputs[(action.chunk, action.phase)]:
+                    self._last_use[(action.mb, name)] = k
+            elif isinstance(action, Send):
+                for name in action.tensors:
+                    self._last_use[(action.mb, name)] = k
+        out_names = [a for a in graphs.output_args if isinstance(a, str)]
+        self._keep = set(out_names)  # step outputs are never freed
+
+    def run(
+        self,
+        microbatch_inputs: Sequence[Sequence[Any]],
+        microbatch_sizes: Sequence[Mapping[str, int]],
+        trace: bool = False,
+    ) -> StepResult:
+        """Execute the program once. ``microbatch_inputs[m]`` are the joint graph's flat
+        inputs for micro-batch m (parameters, buffers, batch fields, targets)."""
+        envs: List[Dict[str, Any]] = [dict(zip(self.graphs.input_names, flat)) for flat in microbatch_inputs]
+        channel_tag: Dict[Tuple[int, int], int] = {}
+        pending: List[Any] = []
+        events: List[Dict[str, Any]] = []
+        t0 = time.perf_counter()
+        for k, action in enumerate(self.program.actions):
+            start = time.perf_counter()
+            if isinstance(action, Compute):
+                key = (action.chunk, action.phase)
+                env = envs[action.mb]
+                args = [env[name] for name in self.graphs.inputs[key]]
+                outs = self.graphs.groups[key](*args)
+                env.update(zip(self.graphs.outputs[key], outs))
+                name = f"{action.phase}{action.chunk} mb{action.mb}"
+            elif isinstance(action, Send):
+                env = envs[action.mb]
+                for t in action.tensors:
+                    tag = channel_tag.get((self.rank, action.dst), 0)
+                    channel_tag[(self.rank, action.dst)] = tag + 1
+                    pending.append(dist.isend(env[t].contiguous(), dst=action.dst, tag=tag))
+                name = f"send {action.phase}{action.chunk} mb{action.mb} -> {action.dst}"
+            elif isinstance(action, Recv):
+                env = envs[action.mb]
+                works = []
+                for t in action.tensors:
+                    tag = channel_tag.get((action.src, self.rank), 0)
+                    channel_tag[(action.src, self.rank)] = tag + 1
+                    buf = self.graphs.specs[t].materialise(microbatch_sizes[action.mb], self.device)
+                    works.append(dist.irecv(buf, src=action.src, tag=tag))
+                    env[t] = buf
+                for w in works:
+                    w.wait()
+                name = f"recv {action.phase}{action.chunk} mb{action.mb} <- {action.src}"
+            elif isinstance(action, (GradSync, OptimizerStep)):
+                continue  # handled by the trainer around the step
+            else:  # pragma: no cover - the IR has no other actions
+                raise TypeError(f"unknown action {action!r}")
+            self._free(envs, action, k)
+            if trace:
+                events.append({"name": name, "ph": "X", "pid": self.rank, "tid": 0, "ts": (start - t0) * 1e6, "dur": (time.perf_counter() - start) * 1e6})
+        for w in pending:
+            w.wait()
+        return self._collect(envs, events)
+
+    def _free(self, envs, action, k: int) -> None:
+        mb = getattr(action, "mb", None)
+        if mb is None:
+            return
+        env = envs[mb]
+        names = self.graphs.inputs[(action.chunk, action.phase)] if isinstance(action, Compute) else getattr(action, "tensors", ())
+        for name in names:
+            if self._last_use.get((mb, name)) == k and name not in self._keep and name not in self.graphs.input_names:
+                env.pop(name, None)
+
+    def _collect(self, envs, events) -> StepResult:
+        outputs: Dict[int, Dict[str, torch.Tensor]] = {}
+        for mb, env in enumerate(envs):
+            outputs[mb] = {
+                a: env[a] for a in self.graphs.output_args if isinstance(a, str) and a in env and a not in self.graphs.input_names
+            }
+        return StepResult(outputs, events)

@@ -1,0 +1,95 @@
+"""Local launcher: P worker processes on this machine, talking over loopback sockets.
+
+Each worker joins a gloo (CPU) or NCCL (CUDA) process group through a TCP rendezvous on
+127.0.0.1 with a timeout, so a dead rank makes the others fail with an error naming the
+problem instead of hanging. Results come back through files (torch.save), which also
+keeps a failed worker's traceback.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message carries its rank and traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, port: int, timeout_s: float, backend: Optional[str] = None) -> None:
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    path = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        init_process_group(rank, world_size, port, timeout_s)
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException as exc:  # report every failure to the parent, with its traceback
+        torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch_local(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 120.0) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results.
+
+    ``fn`` must be importable (a module-level function): workers are spawned, not forked.
+    """
+    with tempfile.TemporaryDirectory(prefix="januspipe_run_") as out_dir:
+        port = free_port()
+        ctx = mp.start_processes(
+            _worker, args=(world_size, port, timeout_s, fn, args, out_dir), nprocs=world_size, join=False, start_method="spawn"
+        )
+        failure = None
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessRaisedException as exc:
+            failure = exc
+        except mp.ProcessExitedException as exc:
+            failure = exc
+        results, errors = [], []
+        for rank in range(world_size):
+            path = Path(out_dir) / f"rank{rank}.pt"
+            if not path.exists():
+                errors.append(f"rank {rank}: exited without a result (killed?)")
+                results.append(None)
+                continue
+            data = torch.load(path, weights_only=False)
+            if data["ok"]:
+                results.append(data["result"])
+            else:
+                errors.append(f"rank {rank}: {data['error']}\n{data['traceback']}")
+                results.append(None)
+        if errors or failure is not None:
+            raise WorkerError("pipeline worker(s) failed:\n" + "\n".join(errors or [str(failure)]))
+        return results
