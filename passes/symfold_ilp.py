@@ -41,8 +41,8 @@ CBC runs single-threaded with a fixed seed so that the same input gives the same
 assignment (unless the time limit cuts the search short: that limit is wall time).
 The better of the even split (`even_partition`) and a split at the cost quantiles, each
 polished by a boundary-move local search, is handed to CBC as a MIP start when it fits
-the memory cap, so a time-limited solve always has a
-feasible answer at least as good as the baseline.
+the memory cap, so a time-limited solve always has a feasible answer at least as good as
+the baseline.
 """
 from __future__ import annotations
 

@@ -407,15 +407,17 @@ def _tails(dag: PipelineDAG, cost: Mapping[GroupKey, float]) -> Dict[GroupKey, f
 
 
 PriorityFn = Callable[[int, int], Tuple]
-RULES = ("deadline", "critical_path", "oldest_first", "backward_first")
+RULES = ("deadline:0.2", "deadline:0.35", "deadline:0.5", "deadline:1", "critical_path", "backward_first")
 
 
 def _priority(rule: str, dag: PipelineDAG, cost: Mapping[GroupKey, float]) -> PriorityFn:
     """Key of task (group index, micro-batch): the smallest key runs first.
 
-    - ``deadline``: earliest due date in a periodic schedule whose period is the busiest
-      rank's work per micro-batch: due(g, m) = m·period − tail(g). This is what balances
-      the four phases: the period and the tails come from their real costs;
+    - ``deadline:α``: earliest due date in a periodic schedule that admits a micro-batch
+      every α·T, T the busiest rank's work per micro-batch: due(g, m) = α·m·T − tail(g),
+      tail(g) the longest remaining path after g starts. The period and the tails come
+      from the real per-phase costs, which is how the rule balances the four phases;
+      small α favours the critical path, large α finishing old micro-batches;
     - ``critical_path``: longest remaining path first, then oldest micro-batch;
     - ``oldest_first``: oldest micro-batch first (depth-first), then longest path;
     - ``backward_first``: backward-half tasks first (drain, as 1F1B), then oldest
@@ -425,19 +427,39 @@ def _priority(rule: str, dag: PipelineDAG, cost: Mapping[GroupKey, float]) -> Pr
     tail = _tails(dag, cost)
     t = [tail[g] for g in groups]
     fwd = [g[1] in FORWARD_LIKE for g in groups]
-    if rule == "deadline":
+    if rule == "deadline" or rule.startswith("deadline:"):
+        alpha = float(rule.split(":", 1)[1]) if ":" in rule else 1.0
         per_rank: Dict[int, float] = defaultdict(float)
         for g in groups:
             per_rank[dag.rank(g)] += cost[g]
-        period = max(per_rank.values(), default=0.0)
-        return lambda i, m: (m * period - t[i], m, i)
+        step = alpha * max(per_rank.values(), default=0.0)
+        return lambda i, m: (m * step - t[i], m, i)
     if rule == "critical_path":
         return lambda i, m: (-t[i], m, i)
     if rule == "oldest_first":
         return lambda i, m: (m, -t[i], i)
     if rule == "backward_first":
         return lambda i, m: (fwd[i], m, -i)
-    raise ValueError(f"unknown priority rule {rule!r}; known {RULES}")
+    raise ValueError(f"unknown priority rule {rule!r}; known: deadline:<alpha>, critical_path, oldest_first, backward_first")
+
+
+def in_flight(orders: Orders) -> Dict[int, int]:
+    """Peak micro-batches in flight per rank, which an order alone fixes: a micro-batch is
+    in flight on a rank from its first task there to its last."""
+    out = {}
+    for r, order in orders.items():
+        first: Dict[int, int] = {}
+        last: Dict[int, int] = {}
+        for k, t in enumerate(order):
+            first.setdefault(t.mb, k)
+            last[t.mb] = k
+        events = sorted([(k, 1) for k in first.values()] + [(k, -1) for k in last.values()], key=lambda e: (e[0], -e[1]))
+        level = peak = 0
+        for _, d in events:
+            level += d
+            peak = max(peak, level)
+        out[r] = peak
+    return out
 
 
 def list_schedule(
@@ -559,26 +581,37 @@ def wavek_search(
     rules: Sequence[str] = RULES,
     caps: Optional[Sequence[int]] = None,
 ) -> SearchResult:
-    """Try each priority rule × in-flight cap (≤ ``max_in_flight``, default P) on the
-    real costs, simulate the resulting programs, keep the shortest makespan (first
-    candidate wins ties, so the choice is deterministic)."""
+    """WaveK's search: each priority rule × in-flight cap (≤ ``max_in_flight``, default P)
+    is list-scheduled on the real costs, its programs simulated, and the shortest
+    makespan kept (the first candidate wins ties: deterministic).
+
+    The baselines' orders that respect the cap (the phase-agnostic wave order, GPipe's when
+    M ≤ cap) are candidates too, so WaveK is never worse than them in the simulator.
+    """
     top = max_in_flight or dag.stages
-    if caps is None:
-        caps = sorted({top, max(1, top - 1), max(1, (3 * top + 3) // 4), max(1, (top + 1) // 2)}, reverse=True)
-    if any(c > top for c in caps):
-        raise ValueError(f"caps {list(caps)} exceed max_in_flight={top}")
+    caps = list(caps) if caps is not None else [top]
+    if any(c > top or c < 1 for c in caps):
+        raise ValueError(f"caps {caps} must lie in 1..max_in_flight={top}")
+    candidates: List[Tuple[str, int, Callable[[], Orders]]] = [
+        (rule, cap, (lambda rule=rule, cap=cap: list_schedule(dag, dag.cost, rule, cap))) for rule in rules for cap in caps
+    ]
+    if dag.layout == "folded":
+        candidates.append(("phase_agnostic", top, lambda: hanayo(dag, top)))
+    if dag.microbatches <= top:
+        candidates.append(("gpipe", top, lambda: gpipe(dag)))
     best: Optional[SearchResult] = None
-    cands: List[Tuple[str, int, float]] = []
-    for rule in rules:
-        for cap in caps:
-            orders = list_schedule(dag, dag.cost, rule, cap)
-            ms = simulate(build_programs(dag, orders, "wavek"), dag).makespan
-            cands.append((rule, cap, ms))
-            log.debug("wavek candidate %s cap=%d: makespan %.6g", rule, cap, ms)
-            if best is None or ms < best.makespan * (1 - 1e-9):
-                best = SearchResult(orders, rule, cap, ms, cands)
+    tried: List[Tuple[str, int, float]] = []
+    for rule, cap, make in candidates:
+        orders = make()
+        if max(in_flight(orders).values(), default=0) > top:
+            continue
+        ms = simulate(build_programs(dag, orders, "wavek"), dag).makespan
+        tried.append((rule, cap, ms))
+        log.debug("wavek candidate %s cap=%d: makespan %.6g", rule, cap, ms)
+        if best is None or ms < best.makespan * (1 - 1e-9):
+            best = SearchResult(orders, rule, cap, ms, tried)
     assert best is not None
-    log.info("wavek: rule %s, cap %d, simulated makespan %.6g s (%d candidates)", best.rule, best.cap, best.makespan, len(cands))
+    log.info("wavek: rule %s, cap %d, simulated makespan %.6g s (%d candidates)", best.rule, best.cap, best.makespan, len(tried))
     return best
 
 

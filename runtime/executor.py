@@ -82,6 +82,21 @@ class StepResult:
     trace: List[Dict[str, Any]] = field(default_factory=list)  # Chrome-trace events
 
 
+class RankLostError(RuntimeError):
+    """A peer rank stopped answering (died, or timed out) during a step."""
+
+
+def _fault_injection(rank: int) -> Optional[int]:
+    """JANUSPIPE_FAULT="rank:action" makes that rank exit abruptly at that action (tests)."""
+    import os
+
+    spec = os.environ.get("JANUSPIPE_FAULT")
+    if not spec:
+        return None
+    r, k = spec.split(":")
+    return int(k) if int(r) == rank else None
+
+
 class RankExecutor:
     def __init__(self, rank: int, graphs: StageGraphs, program: RankProgram, device: torch.device) -> None:
         self.rank = rank
@@ -113,7 +128,12 @@ class RankExecutor:
         pending: List[Any] = []
         events: List[Dict[str, Any]] = []
         t0 = time.perf_counter()
+        fault_at = _fault_injection(self.rank)
         for k, action in enumerate(self.program.actions):
+            if fault_at == k:
+                import os
+
+                os._exit(17)
             start = time.perf_counter()
             if isinstance(action, Compute):
                 key = (action.chunk, action.phase)
@@ -138,8 +158,14 @@ class RankExecutor:
                     buf = self.graphs.specs[t].materialise(microbatch_sizes[action.mb], self.device)
                     works.append(dist.irecv(buf, src=action.src, tag=tag))
                     env[t] = buf
-                for w in works:
-                    w.wait()
+                try:
+                    for w in works:
+                        w.wait()
+                except RuntimeError as exc:
+                    raise RankLostError(
+                        f"rank {self.rank} lost rank {action.src} while receiving {list(action.tensors)} for "
+                        f"{action.phase}{action.chunk} micro-batch {action.mb}: {exc}"
+                    ) from exc
                 name = f"recv {action.phase}{action.chunk} mb{action.mb} <- {action.src}"
             elif isinstance(action, (GradSync, OptimizerStep)):
                 continue  # handled by the trainer around the step
@@ -148,8 +174,11 @@ class RankExecutor:
             self._free(envs, action, k)
             if trace:
                 events.append({"name": name, "ph": "X", "pid": self.rank, "tid": 0, "ts": (start - t0) * 1e6, "dur": (time.perf_counter() - start) * 1e6})
-        for w in pending:
-            w.wait()
+        try:
+            for w in pending:
+                w.wait()
+        except RuntimeError as exc:
+            raise RankLostError(f"rank {self.rank}: a send did not complete (peer lost or timed out): {exc}") from exc
         return self._collect(envs, events)
 
     def _free(self, envs, action, k: int) -> None:
