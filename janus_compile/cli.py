@@ -32,7 +32,53 @@ def _add_model_args(p: argparse.ArgumentParser, model: str = "schnet") -> None:
     p.add_argument("--dump-dir", default=None, help="write graphs and summaries here (or set JANUSPIPE_DUMP)")
 
 
+def _pipeline_train_and_report(args, structures) -> int:
+    """P local processes, the chosen schedule; same printout as the single-process path."""
+    import statistics
+
+    from .losses import EnergyForceLoss
+    from .pipeline import PipelineTrainer
+    from .training import evaluate, make_batches, save_checkpoint
+
+    import janus_compile
+
+    batches = make_batches(structures, args.batch_size, args.cutoff, DTYPES[args.dtype], args.seed)
+    model = _model(args)
+    loss = EnergyForceLoss(energy_weight=1.0, force_weight=args.force_weight, stress_weight=args.stress_weight)
+    print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters())} parameters, {len(structures)} structures in "
+        f"{len(batches)} batches; pipeline: {args.stages} processes, schedule {args.schedule}, "
+        f"{args.chunks} chunk(s) per stage, {args.microbatches} micro-batches"
+    )
+    trainer = PipelineTrainer(
+        model, batches[0], loss=loss, stages=args.stages, chunks=args.chunks, microbatches=args.microbatches,
+        schedule=args.schedule, dump_dir=args.dump_dir,
+    )
+    part = trainer.partition
+    print(f"partition ({part.method}): max/mean rank time {part.imbalance():.3f}; simulated bubble "
+          f"{100 * trainer.programs.meta['simulated']['bubble_fraction']:.1f}%")
+    losses = trainer.train(batches, epochs=args.epochs, lr=args.lr)
+    steps = len(batches)
+    print(f"{'epoch':>5} {'loss':>10}")
+    for e in range(args.epochs):
+        print(f"{e + 1:>5} {statistics.fmean(losses[e * steps:(e + 1) * steps]):>10.4g}")
+    metrics = evaluate(janus_compile.compile(model), batches)
+    median_step = statistics.median(trainer.step_times)
+    per_step = statistics.fmean(b.num_structures for b in batches)
+    print(
+        f"E MAE {1000 * metrics['energy_mae_per_atom']:.2f} meV/atom, F MAE {1000 * metrics['force_mae']:.1f} meV/Å; "
+        f"median step {1000 * median_step:.1f} ms = {per_step / median_step:.1f} structures/s"
+    )
+    first, last = statistics.fmean(losses[:steps]), statistics.fmean(losses[-steps:])
+    print(f"loss {'went down' if last < first else 'did NOT go down'}: {first:.4g} -> {last:.4g}")
+    if args.checkpoint:
+        save_checkpoint(args.checkpoint, model, torch.optim.Adam(model.parameters()), args.epochs - 1)
+    return 0
+
+
 def _train_and_report(args, structures) -> int:
+    if getattr(args, "stages", 1) > 1:
+        return _pipeline_train_and_report(args, structures)
     import janus_compile
 
     from .losses import EnergyForceLoss
@@ -98,14 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force-weight", type=float, default=10.0)
         p.add_argument("--stress-weight", type=float, default=0.0)
         p.add_argument("--checkpoint", default=None, help="write an (atomic) checkpoint here after each epoch")
+        p.add_argument("--stages", type=int, default=1, help="pipeline stages = local processes (1: single process)")
+        p.add_argument("--chunks", type=int, default=1, help="chunks per stage (K)")
+        p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch (M)")
+        p.add_argument("--schedule", default="wavek", choices=["wavek", "1f1b", "hanayo", "gpipe"])
 
-    demo = sub.add_parser("demo", help="train a reference model on built-in EMT data (single process, compiled)")
+    demo = sub.add_parser("demo", help="pipeline-train a reference model on built-in EMT data (4 local processes, WaveK)")
     _add_model_args(demo)
     training_args(demo)
     demo.add_argument("--structures", type=int, default=32)
+    demo.set_defaults(stages=4, microbatches=4, batch_size=8, epochs=6, dtype="float64")
     demo.set_defaults(func=cmd_demo)
 
-    tr = sub.add_parser("train", help="train on a labelled extxyz file (single process, compiled)")
+    tr = sub.add_parser("train", help="train on a labelled extxyz file (--stages P: P local processes)")
     tr.add_argument("data", help="extxyz file with energy and forces")
     _add_model_args(tr)
     training_args(tr)

@@ -49,7 +49,12 @@ def _flat_inputs(spec: Mapping[str, List[str]], params, buffers, mb: AtomsBatch)
 
 
 def _train_worker(rank: int, world: int, setup: Dict[str, Any], batches: Sequence[AtomsBatch], steps_per_batch: int, lr: float, return_grads: bool):
-    """Runs in every worker process: the whole training loop for this rank."""
+    """Runs in every worker process: the whole training loop for this rank.
+
+    Returns the loss of every step, the time of every step (between barriers, so it is
+    the pipeline's step time), and the trace of the last step.
+    """
+    import time
     graphs: StageGraphs = setup["graphs"]
     programs = ProgramSet.from_json(setup["programs"])
     joint = setup["joint"]
@@ -61,13 +66,18 @@ def _train_worker(rank: int, world: int, setup: Dict[str, Any], batches: Sequenc
     grad_args = graphs.output_args[1 + len(joint["output_names"]) :]
     optimizer = torch.optim.Adam([params[n] for n in param_names], lr=lr) if lr > 0 else None
     losses: List[float] = []
+    step_times: List[float] = []
+    last_trace: List[Dict[str, Any]] = []
     last_grads: Dict[str, torch.Tensor] = {}
-    for batch in batches:
+    for k, batch in enumerate(batches):
         mbs = split_microbatches(batch, setup["microbatches"])
         for _ in range(steps_per_batch):
             inputs = [_flat_inputs(joint, params, buffers, mb) for mb in mbs]
             sizes = [size_values_from_batch(mb) for mb in mbs]
-            result = executor.run(inputs, sizes)
+            dist.barrier()
+            t0 = time.perf_counter()
+            result = executor.run(inputs, sizes, trace=k == len(batches) - 1)
+            last_trace = result.trace or last_trace
             loss = torch.zeros((), dtype=torch.float64)
             grads = {n: torch.zeros_like(params[n]) for n in param_names}
             for mb, outs in result.outputs.items():
@@ -79,6 +89,7 @@ def _train_worker(rank: int, world: int, setup: Dict[str, Any], batches: Sequenc
             # GradSync: each gradient was computed on one rank; the sum gives it to all.
             flat = torch.cat([g.reshape(-1) for g in grads.values()] + [loss.to(grads[param_names[0]].dtype).reshape(1)])
             dist.all_reduce(flat)
+            step_times.append(time.perf_counter() - t0)
             offset = 0
             for n in param_names:
                 k = grads[n].numel()
@@ -90,7 +101,13 @@ def _train_worker(rank: int, world: int, setup: Dict[str, Any], batches: Sequenc
                     params[n].grad = grads[n]
                 optimizer.step()
             last_grads = grads
-    return {"losses": losses, "grads": last_grads if return_grads else None, "params": params if rank == 0 else None}
+    return {
+        "losses": losses,
+        "step_times": step_times,
+        "trace": last_trace,
+        "grads": last_grads if return_grads else None,
+        "params": params if rank == 0 else None,
+    }
 
 
 class PipelineTrainer:
@@ -132,6 +149,10 @@ class PipelineTrainer:
         self.dag = PipelineDAG.from_partition(self.partition, microbatches)
         self.programs: ProgramSet = make_programs(self.dag, schedule)  # validated: deadlock-free
         self.graphs = StageGraphs.from_plan(self.partition.plan)
+        self.dump_dir = self.compiled.options.dump_dir
+        self.step_times: List[float] = []
+        if self.dump_dir:
+            self.dump_schedule(self.dump_dir)
 
     def _setup(self) -> Dict[str, Any]:
         joint = self.joint
@@ -150,15 +171,61 @@ class PipelineTrainer:
             "microbatches": self.microbatches,
         }
 
+    def dump_schedule(self, dump_dir: str) -> None:
+        """schedule.json (all rank programs), programs/rank{r}.py, the simulated Gantt chart."""
+        from pathlib import Path
+
+        from .passes.wavek import gantt_svg, simulate
+        from .runtime.program import render_python
+
+        root = Path(dump_dir)
+        (root / "programs").mkdir(parents=True, exist_ok=True)
+        (root / "schedule.json").write_text(self.programs.to_json(indent=1))
+        for prog in self.programs.programs:
+            (root / "programs" / f"rank{prog.rank}.py").write_text(
+                render_python(prog, header=[f"schedule {self.schedule}, P={self.stages}, K={self.chunks}, M={self.microbatches}"])
+            )
+        sim = simulate(self.programs, self.dag)
+        gantt_svg(sim, str(root / "gantt_simulated.svg"), title=f"{self.schedule} (simulated, calibrated costs)")
+
+    def _dump_measured(self, results: Sequence[Mapping[str, Any]]) -> None:
+        """Chrome traces of the last step (open in Perfetto) and the measured Gantt chart."""
+        import json
+        from pathlib import Path
+
+        from .passes.wavek import SimResult, Task, gantt_svg
+
+        root = Path(self.dump_dir)
+        timeline, busy = [], [0.0] * self.stages
+        for rank, res in enumerate(results):
+            events = res["trace"]
+            (root / f"trace_rank{rank}.json").write_text(json.dumps({"traceEvents": events}))
+            for e in events:
+                if "args" in e:
+                    start, end = e["ts"] * 1e-6, (e["ts"] + e["dur"]) * 1e-6
+                    timeline.append((rank, start, end, Task(e["args"]["chunk"], e["args"]["phase"], e["args"]["mb"])))
+                    busy[rank] += end - start
+        makespan = max((t[2] for t in timeline), default=0.0)
+        bubble = 1.0 - sum(busy) / (self.stages * makespan) if makespan > 0 else 0.0
+        measured = SimResult(makespan, busy, bubble, [0] * self.stages, [0.0] * self.stages, timeline, self.stages, self.microbatches)
+        gantt_svg(measured, str(root / "gantt_measured.svg"), title=f"{self.schedule} (measured, last step)")
+
+    def _launch(self, batches: Sequence[AtomsBatch], lr: float, return_grads: bool) -> List[Dict[str, Any]]:
+        results = launch_local(_train_worker, self.stages, (self._setup(), list(batches), 1, lr, return_grads), timeout_s=self.timeout_s)
+        self.step_times = [max(r["step_times"][k] for r in results) for k in range(len(results[0]["step_times"]))]
+        if self.dump_dir:
+            self._dump_measured(results)
+        return results
+
     def gradients(self, batch: AtomsBatch) -> StepOutput:
         """Loss and parameter gradients of one pipelined step (no update)."""
-        results = launch_local(_train_worker, self.stages, (self._setup(), [batch], 1, 0.0, True), timeout_s=self.timeout_s)
+        results = self._launch([batch], 0.0, True)
         return StepOutput(results[0]["losses"][0], results[0]["grads"])
 
     def train(self, batches: Sequence[AtomsBatch], epochs: int = 1, lr: float = 1e-3) -> List[float]:
         """Adam training for ``epochs`` over ``batches`` in P processes; returns the loss per
         step and loads the trained parameters back into the eager model."""
-        results = launch_local(_train_worker, self.stages, (self._setup(), list(batches) * epochs, 1, lr, False), timeout_s=self.timeout_s)
+        results = self._launch(list(batches) * epochs, lr, False)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(results[0]["params"][name])

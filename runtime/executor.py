@@ -173,7 +173,10 @@ class RankExecutor:
                 raise TypeError(f"unknown action {action!r}")
             self._free(envs, action, k)
             if trace:
-                events.append({"name": name, "ph": "X", "pid": self.rank, "tid": 0, "ts": (start - t0) * 1e6, "dur": (time.perf_counter() - start) * 1e6})
+                event = {"name": name, "ph": "X", "pid": self.rank, "tid": 0, "ts": (start - t0) * 1e6, "dur": (time.perf_counter() - start) * 1e6}
+                if isinstance(action, Compute):
+                    event["args"] = {"chunk": action.chunk, "phase": action.phase, "mb": action.mb}
+                events.append(event)
         try:
             for w in pending:
                 w.wait()

@@ -1,6 +1,7 @@
 """The command line a user runs: demo, train (extxyz, checkpoints), inspect."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from janus_compile.cli import main
@@ -11,8 +12,19 @@ from janus_compile.training import load_checkpoint
 SMALL = ["--hidden", "8", "--layers", "1", "--batch-size", "4"]
 
 
-def test_demo_loss_goes_down(capsys):
-    assert main(["demo", "--epochs", "4", "--structures", "8", *SMALL]) == 0
+@pytest.mark.distributed
+def test_demo_pipeline_loss_goes_down(capsys, tmp_path):
+    """The demo: pipeline training on local processes with WaveK, dumps included."""
+    args = ["demo", "--epochs", "3", "--structures", "8", "--hidden", "8", "--layers", "2", "--stages", "2"]
+    assert main(args + ["--dump-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "loss went down" in out and "structures/s" in out, out
+    for f in ("schedule.json", "gantt_simulated.svg", "gantt_measured.svg", "trace_rank1.json", "programs/rank0.py", "partition.md"):
+        assert (tmp_path / f).exists(), f
+
+
+def test_single_process_demo_loss_goes_down(capsys):
+    assert main(["demo", "--epochs", "4", "--structures", "8", "--stages", "1", *SMALL]) == 0
     out = capsys.readouterr().out
     assert "loss went down" in out, out
 

@@ -1,0 +1,301 @@
+"""WaveK and the baseline schedules: programs validate, broken ones are caught, timing is right.
+
+Synthetic DAGs (no graph capture) keep these fast; one test builds the DAG of a real
+SymFold / unfolded partition to check `PipelineDAG.from_partition` end to end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import xml.etree.ElementTree as ET
+from collections import Counter
+
+import pytest
+
+from janus_compile.passes.wavek import (
+    MLIP_COSTS,
+    PipelineDAG,
+    ScheduleError,
+    Task,
+    build_programs,
+    gantt_svg,
+    gpipe,
+    hanayo,
+    in_flight,
+    make_programs,
+    one_f_one_b,
+    simulate,
+    validate,
+    wavek,
+)
+from janus_compile.runtime.program import Compute, GradSync, OptimizerStep, ProgramSet, RankProgram, Recv, Send, render_python
+
+
+def _sizes(stages):
+    return sorted({min(m, 64) for m in (1, stages, 2 * stages, 4 * stages)})
+
+
+def _configs(stage_list):
+    return [(p, k, m) for p in stage_list for k in (1, 2, 4) for m in _sizes(p)]
+
+
+FAST = _configs([1, 2, 4, 8])
+SLOW = _configs([16, 32])
+
+
+def _check_every_task_once(programs: ProgramSet, dag: PipelineDAG) -> None:
+    ran = Counter(Task(a.chunk, a.phase, a.mb) for p in programs.programs for a in p.actions if isinstance(a, Compute))
+    assert set(ran) == set(dag.tasks()) and set(ran.values()) == {1}
+
+
+def _check_all_schedules(stages, chunks, microbatches, wavek_rules=None):
+    dag = PipelineDAG.synthetic(stages, chunks, microbatches, latency_s=0.05, boundary_bytes=1e6, bandwidth_bytes_per_s=1e8)
+    kw = {"rules": wavek_rules} if wavek_rules else {}
+    for name, orders in (("gpipe", gpipe(dag)), ("hanayo", hanayo(dag)), ("wavek", wavek(dag, **kw))):
+        programs = build_programs(dag, orders, name)
+        validate(programs, dag)
+        _check_every_task_once(programs, dag)
+        if name != "gpipe":
+            assert max(in_flight(orders).values()) <= stages, name
+    if chunks == 1:
+        udag = PipelineDAG.synthetic(stages, 1, microbatches, layout="unfolded")
+        for name, orders in (("gpipe", gpipe(udag)), ("1f1b", one_f_one_b(udag))):
+            programs = build_programs(udag, orders, name)
+            validate(programs, udag)
+            _check_every_task_once(programs, udag)
+
+
+@pytest.mark.parametrize("stages,chunks,microbatches", FAST)
+def test_validator_accepts_generated_programs(stages, chunks, microbatches):
+    _check_all_schedules(stages, chunks, microbatches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages,chunks,microbatches", SLOW)
+def test_validator_accepts_generated_programs_large(stages, chunks, microbatches):
+    _check_all_schedules(stages, chunks, microbatches)
+
+
+@pytest.mark.parametrize("stages,chunks,microbatches", [(16, 2, 32), (32, 1, 64)])
+def test_validator_accepts_large_programs_quick(stages, chunks, microbatches):
+    """The biggest sizes in the fast suite, with a single WaveK rule to stay quick."""
+    _check_all_schedules(stages, chunks, microbatches, wavek_rules=("deadline:0.35",))
+
+
+# -- broken programs --------------------------------------------------------------------
+
+
+def _wavek_programs(stages=4, chunks=2, microbatches=8):
+    dag = PipelineDAG.synthetic(stages, chunks, microbatches)
+    return dag, build_programs(dag, wavek(dag), "wavek")
+
+
+def _replace(programs: ProgramSet, rank: int, actions) -> ProgramSet:
+    progs = [dataclasses.replace(p) for p in programs.programs]
+    progs[rank] = RankProgram(rank, list(actions))
+    return ProgramSet(programs.stages, progs, programs.meta)
+
+
+def test_swapped_receives_deadlock():
+    dag, programs = _wavek_programs()
+    for prog in programs.programs:
+        recvs = [i for i, a in enumerate(prog.actions) if isinstance(a, Recv)]
+        pair = next(((i, j) for i in recvs for j in recvs if i < j and prog.actions[i].src == prog.actions[j].src), None)
+        if pair:
+            break
+    i, j = pair
+    actions = list(prog.actions)
+    actions[i], actions[j] = actions[j], actions[i]
+    with pytest.raises(ScheduleError) as err:
+        validate(_replace(programs, prog.rank, actions), dag)
+    msg = str(err.value)
+    assert "deadlock" in msg
+    assert f"rank {prog.rank} action #{i}" in msg and f"channel {actions[i].src}->{prog.rank}" in msg
+    assert actions[i].render() in msg  # the receive it is stuck on
+
+
+def test_dropped_send_deadlocks():
+    dag, programs = _wavek_programs()
+    prog = programs.programs[0]
+    k = next(i for i, a in enumerate(prog.actions) if isinstance(a, Send))
+    dropped = prog.actions[k]
+    with pytest.raises(ScheduleError) as err:
+        validate(_replace(programs, 0, prog.actions[:k] + prog.actions[k + 1 :]), dag)
+    msg = str(err.value)
+    assert "deadlock" in msg and f"channel 0->{dropped.dst}" in msg and f"rank {dropped.dst}" in msg
+
+
+def test_cyclic_wait_is_a_deadlock():
+    """Rank 0 waits for rank 1's G before its F; rank 1's G needs that F: a cycle."""
+    dag = PipelineDAG(
+        stages=2,
+        microbatches=1,
+        rank_of_chunk={0: 0, 1: 1},
+        cost={(0, "F"): 1, (1, "F"): 1, (1, "G"): 1, (0, "G"): 1},
+        deps={(1, "F"): [(0, "F")], (1, "G"): [(1, "F")], (0, "G"): [(1, "G"), (0, "F")]},
+    )
+    r0 = [Recv(("g1_out",), 1, 1, "G", 0), Compute(0, "F", 0), Send(("f0_out",), 1, 0, "F", 0), Compute(0, "G", 0)]
+    r1 = [Recv(("f0_out",), 0, 0, "F", 0), Compute(1, "F", 0), Compute(1, "G", 0), Send(("g1_out",), 0, 1, "G", 0)]
+    programs = ProgramSet(2, [RankProgram(0, r0), RankProgram(1, r1)])
+    with pytest.raises(ScheduleError, match="deadlock") as err:
+        validate(programs, dag)
+    assert "rank 0 action #0" in str(err.value) and "rank 1 action #0" in str(err.value)
+    good = ProgramSet(2, [RankProgram(0, r0[1:3] + r0[:1] + r0[3:]), RankProgram(1, r1)])
+    validate(good, dag)
+
+
+def test_missing_duplicate_and_unreceived_tasks_are_rejected():
+    dag, programs = _wavek_programs(2, 1, 2)
+    prog = programs.programs[1]
+    k = next(i for i, a in enumerate(prog.actions) if isinstance(a, Compute))
+    with pytest.raises(ScheduleError, match="runs twice"):
+        validate(_replace(programs, 1, prog.actions[: k + 1] + prog.actions[k:]), dag)
+    with pytest.raises(ScheduleError, match="never run"):
+        validate(_replace(programs, 1, [a for a in prog.actions if a != prog.actions[k]]), dag)
+    # a compute moved before the receive of its input
+    r = next(i for i, a in enumerate(prog.actions) if isinstance(a, Recv))
+    c = next(i for i, a in enumerate(prog.actions) if isinstance(a, Compute) and i > r)
+    moved = list(prog.actions)
+    moved.insert(r, moved.pop(c))
+    with pytest.raises(ScheduleError, match="not received before"):
+        validate(_replace(programs, 1, moved), dag)
+
+
+# -- simulator --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stages,microbatches", [(1, 3), (4, 8), (8, 4), (6, 13)])
+@pytest.mark.parametrize("costs", [{"F": 1, "G": 1, "GG": 1, "FB": 1}, MLIP_COSTS])
+def test_gpipe_matches_closed_form(stages, microbatches, costs):
+    """GPipe on a chain: each half takes (M + P - 1) × its per-stage time."""
+    dag = PipelineDAG.synthetic(stages, 1, microbatches, phase_cost=costs)
+    res = simulate(build_programs(dag, gpipe(dag)), dag)
+    fwd, bwd = costs["F"] + costs["G"], costs["GG"] + costs["FB"]
+    assert res.makespan == pytest.approx((microbatches + stages - 1) * (fwd + bwd), rel=1e-9)
+    assert res.peak_in_flight[0] == microbatches
+    udag = PipelineDAG.synthetic(stages, 1, microbatches, phase_cost=costs, layout="unfolded")
+    for orders in (gpipe(udag), one_f_one_b(udag)):
+        ures = simulate(build_programs(udag, orders), udag)
+        assert ures.makespan == pytest.approx((microbatches + stages - 1) * (fwd + bwd), rel=1e-9)
+    assert simulate(build_programs(udag, one_f_one_b(udag)), udag).peak_in_flight == [min(stages - r, microbatches) for r in range(stages)]
+
+
+def test_transfer_time_and_bubble():
+    dag = PipelineDAG(
+        stages=2, microbatches=1, rank_of_chunk={0: 0, 1: 1}, cost={(0, "F"): 2.0, (1, "F"): 3.0},
+        deps={(1, "F"): [(0, "F")]}, tensors={((0, "F"), (1, "F")): ("h",)}, nbytes={"h": 4e6},
+        bandwidth_bytes_per_s=1e6, latency_s=0.5,
+    )
+    res = simulate(build_programs(dag, gpipe(dag)), dag)
+    assert res.makespan == pytest.approx(2.0 + 0.5 + 4.0 + 3.0)
+    assert res.busy == [2.0, 3.0]
+    assert res.bubble_fraction == pytest.approx(1 - 5.0 / (2 * 9.5))
+    assert res.efficiency == pytest.approx(5.0 / 2 / 9.5)
+    assert res.peak_stash_bytes == [4e6, 4e6]  # held by the sender until it arrives, then by the reader
+
+
+@pytest.mark.parametrize("latency", [0.0, 0.1])
+def test_wavek_beats_baselines_at_p4_m8(latency):
+    P, M = 4, 8
+    kw = dict(latency_s=latency, boundary_bytes=1e6, bandwidth_bytes_per_s=1e8)
+    folded = PipelineDAG.synthetic(P, 2, M, phase_cost=MLIP_COSTS, **kw)
+    unfolded = PipelineDAG.synthetic(P, 1, M, phase_cost=MLIP_COSTS, layout="unfolded", **kw)
+    span = {}
+    for name, dag in (("wavek", folded), ("gpipe", folded), ("hanayo", folded), ("1f1b", unfolded)):
+        span[name] = make_programs(dag, name).meta["simulated"]["makespan_s"]
+    assert span["wavek"] <= span["gpipe"] and span["wavek"] <= span["hanayo"] and span["wavek"] <= span["1f1b"], span
+    assert span["wavek"] < span["1f1b"]  # the fold's shorter fill and drain
+
+
+def test_wavek_is_deterministic_and_respects_its_cap():
+    dag = PipelineDAG.synthetic(4, 2, 12)
+    a, b = make_programs(dag, "wavek"), make_programs(dag, "wavek")
+    assert a.to_json() == b.to_json()
+    orders = wavek(dag, max_in_flight=3)
+    assert max(in_flight(orders).values()) <= 3
+    assert max(simulate(build_programs(dag, orders), dag).peak_in_flight) <= 3
+
+
+def test_skip_connections_from_plain_dicts():
+    """A DAG with a skip edge (chunk 0 → chunk 2) and a cross-chunk stash read."""
+    cost = {(c, p): 1.0 for c in range(3) for p in ("F", "G", "GG", "FB")}
+    deps = {
+        (1, "F"): [(0, "F")], (2, "F"): [(1, "F"), (0, "F")],
+        (2, "G"): [(2, "F")], (1, "G"): [(2, "G"), (1, "F")], (0, "G"): [(1, "G"), (0, "F"), (2, "F")],
+        (0, "GG"): [(0, "G")], (1, "GG"): [(0, "GG"), (1, "G")], (2, "GG"): [(1, "GG"), (2, "G")],
+        (2, "FB"): [(2, "GG"), (0, "F")], (1, "FB"): [(2, "FB"), (1, "GG")], (0, "FB"): [(1, "FB"), (0, "GG")],
+    }
+    dag = PipelineDAG(stages=3, microbatches=5, rank_of_chunk={0: 0, 1: 1, 2: 2}, cost=cost, deps=deps)
+    for name in ("gpipe", "hanayo", "wavek"):
+        programs = make_programs(dag, name)
+        msgs = [a for p in programs.programs for a in p.actions if isinstance(a, Send) and (a.chunk, a.phase) == (0, "F")]
+        assert sorted({m.dst for m in msgs}) == [1, 2]  # one message per destination, not per consumer
+    with pytest.raises(ScheduleError, match="unfolded"):
+        make_programs(dag, "1f1b")
+
+
+# -- program IR -------------------------------------------------------------------------
+
+
+def test_json_round_trip_and_validate_from_meta():
+    dag = PipelineDAG.synthetic(4, 2, 8, boundary_bytes=1e6, latency_s=1e-3, bandwidth_bytes_per_s=1e9)
+    programs = make_programs(dag, "wavek")
+    again = ProgramSet.from_json(programs.to_json())
+    assert again == programs
+    assert any(isinstance(a, GradSync) for a in again.programs[0].actions)
+    assert isinstance(again.programs[0].actions[-1], OptimizerStep)
+    validate(again)  # the DAG description travels in meta
+    assert simulate(again, dag).makespan == pytest.approx(programs.meta["simulated"]["makespan_s"])
+
+
+def test_render_python_lists_every_action():
+    _, programs = _wavek_programs(2, 2, 4)
+    for prog in programs.programs:
+        text = render_python(prog)
+        compile(text, f"rank{prog.rank}.py", "exec")  # a Python-like listing that is Python
+        body = [line for line in text.splitlines() if not line.startswith("#")]
+        assert body == [a.render() for a in prog.actions]
+    recv = next(a for p in programs.programs for a in p.actions if isinstance(a, Recv))
+    assert recv.render().startswith(f'recv(["{recv.tensors[0]}"')
+    assert f'group=({recv.chunk}, "{recv.phase}"), mb={recv.mb})' in recv.render()
+
+
+def test_gantt_svg_is_well_formed(tmp_path):
+    dag = PipelineDAG.synthetic(4, 2, 8)
+    res = simulate(make_programs(dag, "wavek"), dag)
+    path = tmp_path / "gantt.svg"
+    gantt_svg(res, str(path), title="WaveK <P=4> & M=8")
+    root = ET.parse(path).getroot()
+    assert root.tag.endswith("svg")
+    boxes = [e for e in root.iter() if e.tag.endswith("rect") and any(c.tag.endswith("title") for c in e)]
+    assert len(boxes) == len(dag.tasks())
+    fills = {e.get("fill") for e in boxes}
+    assert fills == {"#8ecae6", "#ffb703", "#fb8500", "#219ebc"}
+
+
+# -- real partition ---------------------------------------------------------------------
+
+
+def test_dag_from_real_partition():
+    import torch
+    from conftest import random_batch
+
+    import janus_compile
+    from janus_compile import EnergyForceLoss
+    from janus_compile.models import build_model
+    from janus_compile.passes.symfold import partition_graph
+
+    torch.manual_seed(0)
+    model = build_model("schnet", hidden=8, num_interactions=4, num_rbf=6, cutoff=3.5).double().train()
+    joint = janus_compile.compile(model, loss=EnergyForceLoss()).joint_graph(random_batch(5, 3))
+    for method, P, K, schedules in (("even", 2, 2, ("gpipe", "hanayo", "wavek")), ("unfolded", 2, 1, ("gpipe", "1f1b"))):
+        part = partition_graph(joint.gm, P, K, method)
+        dag = PipelineDAG.from_partition(part, microbatches=4)
+        assert set(dag.groups) == set(part.plan.groups)
+        assert sum(dag.cost.values()) == pytest.approx(sum(part.chunk_phase_time().values()))
+        for (prod, cons), names in dag.tensors.items():
+            assert set(names) <= set(part.plan.groups[prod].outputs) & set(part.plan.groups[cons].inputs)
+        for name in schedules:
+            programs = make_programs(dag, name)
+            _check_every_task_once(programs, dag)
+            sent = {t for p in programs.programs for a in p.actions if isinstance(a, Send) for t in a.tensors}
+            assert sent and sum(dag.nbytes[t] for t in sent) > 0  # sized from out_bytes
