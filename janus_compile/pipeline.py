@@ -48,13 +48,26 @@ def _flat_inputs(spec: Mapping[str, List[str]], params, buffers, mb: AtomsBatch)
     )
 
 
-def _train_worker(rank: int, world: int, setup: Dict[str, Any], batches: Sequence[AtomsBatch], steps_per_batch: int, lr: float, return_grads: bool):
+def _train_worker(
+    rank: int,
+    world: int,
+    setup: Dict[str, Any],
+    batches: Sequence[AtomsBatch],
+    epochs: int,
+    lr: float,
+    return_grads: bool,
+):
     """Runs in every worker process: the whole training loop for this rank.
 
     Returns the loss of every step, the time of every step (between barriers, so it is
-    the pipeline's step time), and the trace of the last step.
+    the pipeline's step time), and the trace of the last step. With a checkpoint path,
+    rank 0 writes one after every epoch (every rank holds the same parameters and
+    optimizer state, so rank 0's copy is the whole model).
     """
     import time
+
+    from .training import write_checkpoint
+
     graphs: StageGraphs = setup["graphs"]
     programs = ProgramSet.from_json(setup["programs"])
     joint = setup["joint"]
@@ -65,22 +78,31 @@ def _train_worker(rank: int, world: int, setup: Dict[str, Any], batches: Sequenc
     param_names = list(params)
     grad_args = graphs.output_args[1 + len(joint["output_names"]) :]
     optimizer = torch.optim.Adam([params[n] for n in param_names], lr=lr) if lr > 0 else None
+    if optimizer is not None and setup.get("optimizer_state") is not None:
+        # Tensors handed to spawned workers live in shared memory: copy the state, or
+        # every rank's Adam would update the same moments in place.
+        import copy
+
+        optimizer.load_state_dict(copy.deepcopy(setup["optimizer_state"]))
     losses: List[float] = []
     step_times: List[float] = []
     last_trace: List[Dict[str, Any]] = []
     last_grads: Dict[str, torch.Tensor] = {}
-    for k, batch in enumerate(batches):
-        mbs = split_microbatches(batch, setup["microbatches"])
-        for _ in range(steps_per_batch):
+    step = 0
+    start_epoch = setup.get("start_epoch", 0)
+    for epoch in range(start_epoch, epochs):
+        for b, batch in enumerate(batches):
+            mbs = split_microbatches(batch, setup["microbatches"])
             inputs = [_flat_inputs(joint, params, buffers, mb) for mb in mbs]
             sizes = [size_values_from_batch(mb) for mb in mbs]
             dist.barrier()
             t0 = time.perf_counter()
-            result = executor.run(inputs, sizes, trace=k == len(batches) - 1)
+            last = epoch == epochs - 1 and b == len(batches) - 1
+            result = executor.run(inputs, sizes, trace=last, step=step)
             last_trace = result.trace or last_trace
             loss = torch.zeros((), dtype=torch.float64)
             grads = {n: torch.zeros_like(params[n]) for n in param_names}
-            for mb, outs in result.outputs.items():
+            for outs in result.outputs.values():
                 if graphs.output_args[0] in outs:
                     loss = loss + outs[graphs.output_args[0]].double()
                 for n, arg in zip(param_names, grad_args):
@@ -92,15 +114,18 @@ def _train_worker(rank: int, world: int, setup: Dict[str, Any], batches: Sequenc
             step_times.append(time.perf_counter() - t0)
             offset = 0
             for n in param_names:
-                k = grads[n].numel()
-                grads[n] = flat[offset : offset + k].view_as(grads[n])
-                offset += k
+                size = grads[n].numel()
+                grads[n] = flat[offset : offset + size].view_as(grads[n])
+                offset += size
             losses.append(float(flat[-1]))
             if optimizer is not None:
                 for n in param_names:
                     params[n].grad = grads[n]
                 optimizer.step()
             last_grads = grads
+            step += 1
+        if setup.get("checkpoint") and rank == 0 and optimizer is not None:
+            write_checkpoint(setup["checkpoint"], {**params, **buffers}, optimizer.state_dict(), epoch)
     return {
         "losses": losses,
         "step_times": step_times,
@@ -210,8 +235,9 @@ class PipelineTrainer:
         measured = SimResult(makespan, busy, bubble, [0] * self.stages, [0.0] * self.stages, timeline, self.stages, self.microbatches)
         gantt_svg(measured, str(root / "gantt_measured.svg"), title=f"{self.schedule} (measured, last step)")
 
-    def _launch(self, batches: Sequence[AtomsBatch], lr: float, return_grads: bool) -> List[Dict[str, Any]]:
-        results = launch_local(_train_worker, self.stages, (self._setup(), list(batches), 1, lr, return_grads), timeout_s=self.timeout_s)
+    def _launch(self, batches: Sequence[AtomsBatch], epochs: int, lr: float, return_grads: bool, **setup: Any) -> List[Dict[str, Any]]:
+        args = ({**self._setup(), **setup}, list(batches), epochs, lr, return_grads)
+        results = launch_local(_train_worker, self.stages, args, timeout_s=self.timeout_s)
         self.step_times = [max(r["step_times"][k] for r in results) for k in range(len(results[0]["step_times"]))]
         if self.dump_dir:
             self._dump_measured(results)
@@ -219,13 +245,34 @@ class PipelineTrainer:
 
     def gradients(self, batch: AtomsBatch) -> StepOutput:
         """Loss and parameter gradients of one pipelined step (no update)."""
-        results = self._launch([batch], 0.0, True)
+        results = self._launch([batch], 1, 0.0, True)
         return StepOutput(results[0]["losses"][0], results[0]["grads"])
 
-    def train(self, batches: Sequence[AtomsBatch], epochs: int = 1, lr: float = 1e-3) -> List[float]:
-        """Adam training for ``epochs`` over ``batches`` in P processes; returns the loss per
-        step and loads the trained parameters back into the eager model."""
-        results = self._launch(list(batches) * epochs, lr, False)
+    def train(
+        self,
+        batches: Sequence[AtomsBatch],
+        epochs: int = 1,
+        lr: float = 1e-3,
+        checkpoint: Optional[str] = None,
+        resume: bool = False,
+    ) -> List[float]:
+        """Adam training for ``epochs`` over ``batches`` in P processes; returns the loss of
+        every step run and loads the trained parameters back into the eager model.
+
+        ``checkpoint``: written (atomically) after every epoch; it loads into the eager
+        model with `janus_compile.training.load_checkpoint`. ``resume``: continue from it.
+        """
+        from pathlib import Path
+
+        from .training import load_checkpoint
+
+        setup: Dict[str, Any] = {"checkpoint": checkpoint}
+        if resume and checkpoint and Path(checkpoint).exists():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            setup["start_epoch"] = load_checkpoint(checkpoint, self.model)
+            setup["optimizer_state"] = state["optimizer"]
+            log.info("resuming pipelined training from %s at epoch %d", checkpoint, setup["start_epoch"])
+        results = self._launch(batches, epochs, lr, False, **setup)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(results[0]["params"][name])

@@ -59,10 +59,15 @@ def evaluate(compiled: CompiledMLIP, batches: Sequence[AtomsBatch]) -> Dict[str,
 
 def save_checkpoint(path: os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
     """Atomic write (temp file + rename): a crash never leaves a half-written checkpoint."""
+    write_checkpoint(path, model.state_dict(), optimizer.state_dict(), epoch)
+
+
+def write_checkpoint(path: os.PathLike, model_state: Dict[str, torch.Tensor], optimizer_state: dict, epoch: int) -> None:
+    """The checkpoint format: the eager model's state_dict, the optimizer's, the epoch done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, tmp)
+    torch.save({"model": dict(model_state), "optimizer": optimizer_state, "epoch": epoch}, tmp)
     os.replace(tmp, path)
 
 

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("symfold", "even", "unfolded")
 UNITS_PER_CHUNK = 4
+BALANCE_TARGET = 1.10  # max/mean rank time under which finer units are not tried
+MAX_UNIT_DEPTH = 4
 Sizes = Mapping[str, int]
 
 
@@ -279,6 +281,19 @@ def partition_graph(
     chunk_of_unit: Optional[List[int]] = None
     if method == "symfold":
         solution = solve_partition(problem, lp_path=lp_path)
+        # Coarse units can make balance impossible (one block per rank is too much or too
+        # little): try finer units while that helps, keep the best objective.
+        depth = units.depth
+        while solution.imbalance > BALANCE_TARGET and depth < MAX_UNIT_DEPTH:
+            depth += 1
+            finer = build_units(graph, min_units=1, min_depth=depth, max_depth=depth)
+            if len(finer.names) <= len(units.names):
+                continue
+            finer_problem = build_problem(graph, finer, node_times, out_bytes, param_bytes, stages, chunks, **ilp_options)
+            candidate = solve_partition(finer_problem, lp_path=lp_path)
+            log.info("units at depth %d: %d units, max/mean %.3f (was %.3f)", depth, len(finer.names), candidate.imbalance, solution.imbalance)
+            if candidate.objective < solution.objective:
+                units, problem, solution = finer, finer_problem, candidate
         chunk_of_unit = solution.chunk_of_unit
         plan = split_graph(gm, units, chunk_of_unit, V, FOLDED)
     elif method == "even":

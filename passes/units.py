@@ -145,11 +145,11 @@ def _topological_merge(keys: Dict[str, str], graph: fx.Graph) -> Tuple[List[str]
     return out, merged
 
 
-def build_units(graph: fx.Graph, min_units: int = 1, max_depth: int = 6) -> Units:
-    """Units at the shallowest depth that gives at least ``min_units`` of them."""
+def build_units(graph: fx.Graph, min_units: int = 1, max_depth: int = 6, min_depth: int = 1) -> Units:
+    """Units at the shallowest depth (≥ ``min_depth``) that gives at least ``min_units``."""
     by_name = {n.name: n for n in graph.nodes}
     best = None
-    for depth in range(1, max_depth + 1):
+    for depth in range(min_depth, max_depth + 1):
         keys = _forward_keys(graph, depth)
         names, merged = _topological_merge(keys, graph)
         best = (depth, names, merged)

@@ -21,6 +21,7 @@ is reproducible from the partition and the options alone.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections import defaultdict, deque
@@ -93,6 +94,7 @@ class PipelineDAG:
         if self.layout not in ("folded", "unfolded"):
             raise ValueError(f"layout must be 'folded' or 'unfolded', got {self.layout!r}")
         self.cost = {(int(c), str(p)): float(t) for (c, p), t in self.cost.items()}
+        self.nbytes = dict(self.nbytes)
         self.rank_of_chunk = {int(c): int(r) for c, r in self.rank_of_chunk.items()}
         deps = {g: [] for g in self.cost}
         for g, ds in self.deps.items():
@@ -257,8 +259,6 @@ class PipelineDAG:
 
     def _topological_order(self) -> List[GroupKey]:
         """Kahn's order, ties broken by phase then chunk in the phase's direction."""
-        import heapq
-
         indeg = {g: len(ds) for g, ds in self.deps.items()}
         succs: Dict[GroupKey, List[GroupKey]] = defaultdict(list)
         for g, ds in self.deps.items():
@@ -462,13 +462,12 @@ def in_flight(orders: Orders) -> Dict[int, int]:
     return out
 
 
-def list_schedule(
-    dag: PipelineDAG, cost: Mapping[GroupKey, float], rule: Any, cap: int, active: bool = False
-) -> Orders:
+def list_schedule(dag: PipelineDAG, cost: Mapping[GroupKey, float], rule: Any, cap: int) -> Orders:
     """Greedy list scheduling in simulated time; returns the per-rank task order.
 
     Whenever a rank is free it starts, among its tasks whose inputs have arrived, the one
-    with the smallest `_priority` key. A micro-batch is in flight on a rank from its
+    with the smallest priority key (``rule``: a name for `_priority`, or a function
+    (group index, micro-batch) → key). A micro-batch is in flight on a rank from its
     first task there until its last; at most ``cap`` are, and new ones are admitted in
     micro-batch order (which also makes the greedy loop itself deadlock-free: the oldest
     unfinished micro-batch can always proceed).
@@ -497,34 +496,40 @@ def list_schedule(
     free = [0.0] * P
     orders: Orders = {r: [] for r in range(P)}
     decision: List[Optional[Tuple[float, Tuple, int, int]]] = [None] * P
+    version = [0] * P
+    heap: List[Tuple[float, int, int]] = []  # (decision time, rank, version): stale entries skipped
 
-    def decide(r: int) -> Optional[Tuple[float, Tuple, int, int]]:
-        mbs = list(inflight[r])
-        if len(inflight[r]) < cap and next_admit[r] < M:
+    def decide(r: int) -> None:
+        rd = ready[r]
+        mbs = [m for m in inflight[r] if m in rd]
+        if len(inflight[r]) < cap and next_admit[r] in rd:
             mbs.append(next_admit[r])
-        cands = [(i, m) for m in mbs for i in ready[r].get(m, ())]
-        if not cands:
-            return None
-        t = max(free[r], min(ready_at[m * n + i] for i, m in cands))
-        if active:  # Giffler-Thompson: anything that could start before the first finish
-            horizon = min(max(free[r], ready_at[m * n + i]) + dur[i] for i, m in cands)
-            best = min((prio(i, m), i, m) for i, m in cands if ready_at[m * n + i] < horizon or ready_at[m * n + i] <= t)
-        else:
-            best = min((prio(i, m), i, m) for i, m in cands if ready_at[m * n + i] <= t)
-        return (t, best[0], best[1], best[2])
+        version[r] += 1
+        decision[r] = None
+        if not mbs:
+            return
+        cands = [(i, m, ready_at[m * n + i]) for m in mbs for i in rd[m]]
+        t = max(free[r], min(c[2] for c in cands))
+        best = min((prio(i, m), i, m) for i, m, ra in cands if ra <= t)
+        decision[r] = (t, best[0], best[1], best[2])
+        heapq.heappush(heap, (t, r, version[r]))
 
     for r in range(P):
-        decision[r] = decide(r)
+        decide(r)
     remaining = n * M
     while remaining:
-        r = min((r for r in range(P) if decision[r] is not None), key=lambda r: (decision[r][0], r), default=None)
-        if r is None:
+        while heap and heap[0][2] != version[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap:
             raise ScheduleError(f"list scheduling ({rule}, cap {cap}) stalled with {remaining} tasks left")
+        r = heap[0][1]
         t, _, i, m = decision[r]
-        t = max(t, ready_at[m * n + i])
         end = t + dur[i]
         free[r] = end
-        ready[r][m].remove(i)
+        lst = ready[r][m]
+        lst.remove(i)
+        if not lst:
+            del ready[r][m]
         if m not in inflight[r]:
             inflight[r].add(m)
             next_admit[r] += 1
@@ -542,7 +547,7 @@ def list_schedule(
                 ready[rank[s]][m].append(s)
                 dirty.add(rank[s])
         for d in dirty:
-            decision[d] = decide(d)
+            decide(d)
     return orders
 
 
@@ -564,6 +569,55 @@ def hanayo(dag: PipelineDAG, max_in_flight: Optional[int] = None) -> Orders:
     u = total / sum(weight.values()) if total > 0 else 1.0
     assumed = {g: u * w for g, w in weight.items()}
     return list_schedule(dag, assumed, "backward_first", max_in_flight or dag.stages)
+
+
+def evaluate_orders(dag: PipelineDAG, orders: Orders) -> float:
+    """Makespan of per-rank orders run as soon as possible: the timing model of `simulate`
+    (one message per producer and destination, FIFO-serialised channels) without
+    building programs, so that a search can afford many candidates."""
+    msg = _message_tensors(dag)
+    dsts: Dict[GroupKey, List[Tuple[int, float]]] = defaultdict(list)
+    for (g, dst), names in sorted(msg.items()):
+        nbytes = sum(dag.nbytes.get(n, 0.0) for n in names)
+        dsts[g].append((dst, nbytes / dag.bandwidth_bytes_per_s if nbytes else 0.0))
+    rank_of = {g: dag.rank(g) for g in dag.groups}
+    lat = dag.latency_s
+    end: Dict[Tuple[GroupKey, int], float] = {}
+    arrival: Dict[Tuple[GroupKey, int, int], float] = {}
+    chan_free: Dict[Tuple[int, int], float] = defaultdict(float)
+    P = dag.stages
+    lists = [orders.get(r, []) for r in range(P)]
+    pos, free = [0] * P, [0.0] * P
+    left = sum(len(o) for o in lists)
+    while left:
+        progress = False
+        for r in range(P):
+            order = lists[r]
+            while pos[r] < len(order):
+                t = order[pos[r]]
+                g, m = (t.chunk, t.phase), t.mb
+                ready = free[r]
+                for d in dag.deps[g]:
+                    v = end.get((d, m)) if rank_of[d] == r else arrival.get((d, m, r))
+                    if v is None:
+                        break
+                    ready = v if v > ready else ready
+                else:
+                    e = ready + dag.cost[g]
+                    end[(g, m)] = free[r] = e
+                    for dst, xfer in dsts.get(g, ()):
+                        go = max(e, chan_free[(r, dst)])
+                        chan_free[(r, dst)] = go + xfer
+                        arrival[(g, m, dst)] = go + xfer + lat
+                    pos[r] += 1
+                    left -= 1
+                    progress = True
+                    continue
+                break
+        if not progress:
+            stuck = {r: lists[r][pos[r]] for r in range(P) if pos[r] < len(lists[r])}
+            raise ScheduleError(f"the task orders deadlock; next task per stuck rank: {stuck}")
+    return max(free, default=0.0)
 
 
 @dataclass
@@ -605,7 +659,7 @@ def wavek_search(
         orders = make()
         if max(in_flight(orders).values(), default=0) > top:
             continue
-        ms = simulate(build_programs(dag, orders, "wavek"), dag).makespan
+        ms = evaluate_orders(dag, orders)
         tried.append((rule, cap, ms))
         log.debug("wavek candidate %s cap=%d: makespan %.6g", rule, cap, ms)
         if best is None or ms < best.makespan * (1 - 1e-9):

@@ -86,15 +86,16 @@ class RankLostError(RuntimeError):
     """A peer rank stopped answering (died, or timed out) during a step."""
 
 
-def _fault_injection(rank: int) -> Optional[int]:
-    """JANUSPIPE_FAULT="rank:action" makes that rank exit abruptly at that action (tests)."""
+def _fault_injection(rank: int, step: int) -> Optional[int]:
+    """JANUSPIPE_FAULT="rank:step:action" makes that rank exit abruptly at that action of
+    that step (for fault tests: a real process death, not an exception)."""
     import os
 
     spec = os.environ.get("JANUSPIPE_FAULT")
     if not spec:
         return None
-    r, k = spec.split(":")
-    return int(k) if int(r) == rank else None
+    r, s, k = (int(x) for x in spec.split(":"))
+    return k if r == rank and s == step else None
 
 
 class RankExecutor:
@@ -120,6 +121,7 @@ class RankExecutor:
         microbatch_inputs: Sequence[Sequence[Any]],
         microbatch_sizes: Sequence[Mapping[str, int]],
         trace: bool = False,
+        step: int = 0,
     ) -> StepResult:
         """Execute the program once. ``microbatch_inputs[m]`` are the joint graph's flat
         inputs for micro-batch m (parameters, buffers, batch fields, targets)."""
@@ -128,7 +130,7 @@ class RankExecutor:
         pending: List[Any] = []
         events: List[Dict[str, Any]] = []
         t0 = time.perf_counter()
-        fault_at = _fault_injection(self.rank)
+        fault_at = _fault_injection(self.rank, step)
         for k, action in enumerate(self.program.actions):
             if fault_at == k:
                 import os

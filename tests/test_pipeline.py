@@ -76,10 +76,31 @@ def test_lost_rank_is_named_and_others_exit(monkeypatch):
     model = _model()
     batch = random_batch(3, 4)
     trainer = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks=1, microbatches=2, schedule="gpipe", calibrate=False, timeout_s=60)
-    monkeypatch.setenv("JANUSPIPE_FAULT", "1:3")  # rank 1 dies at its 4th action
+    monkeypatch.setenv("JANUSPIPE_FAULT", "1:0:3")  # rank 1 dies at its 4th action of step 0
     start = time.time()
     with pytest.raises(WorkerError) as info:
         trainer.gradients(batch)
     assert time.time() - start < 120
     text = str(info.value)
     assert "rank 1" in text and ("lost rank 1" in text or "without a result" in text), text
+
+
+def test_resume_after_a_lost_rank_continues_the_same_losses(tmp_path, monkeypatch):
+    """Kill a rank in epoch 3; resuming from the epoch-2 checkpoint gives the uninterrupted losses."""
+    batches = [random_batch(60 + k, 4) for k in range(2)]
+    model = _model()
+    trainer = PipelineTrainer(model, batches[0], loss=LOSS, stages=2, microbatches=2, schedule="wavek", calibrate=False, timeout_s=60)
+    full = trainer.train(batches, epochs=3, lr=1e-3)
+
+    model = _model()
+    trainer = PipelineTrainer(model, batches[0], loss=LOSS, stages=2, microbatches=2, schedule="wavek", calibrate=False, timeout_s=60)
+    ckpt = tmp_path / "ckpt.pt"
+    monkeypatch.setenv("JANUSPIPE_FAULT", "0:4:2")  # rank 0 dies in step 4 (epoch 3)
+    with pytest.raises(WorkerError):
+        trainer.train(batches, epochs=3, lr=1e-3, checkpoint=str(ckpt))
+    monkeypatch.delenv("JANUSPIPE_FAULT")
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1  # epochs 1 and 2 done
+    resumed = trainer.train(batches, epochs=3, lr=1e-3, checkpoint=str(ckpt), resume=True)
+    assert len(resumed) == 2
+    for a, e in zip(resumed, full[4:]):
+        assert abs(a - e) <= 1e-9 * abs(e), (resumed, full[4:])
