@@ -7,9 +7,8 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk
-from ase.neighborlist import neighbor_list
 
-from janus_compile.data.batch import AtomsBatch
+from janus_compile.data import AtomsBatch, atoms_to_batch
 from janus_compile.models import MODEL_REGISTRY, PaiNN, SchNet, build_model
 
 CUTOFF = 3.5
@@ -31,27 +30,7 @@ def _structures(seed: int = 0) -> list[Atoms]:
 
 
 def make_batch(structures: list[Atoms], cutoff: float = CUTOFF, dtype=torch.float64) -> AtomsBatch:
-    pos, num, cells, pbcs, bidx, edges, shifts = [], [], [], [], [], [], []
-    offset = 0
-    for s, atoms in enumerate(structures):
-        i, j, S = neighbor_list("ijS", atoms, cutoff)
-        pos.append(atoms.positions)
-        num.append(atoms.numbers)
-        cells.append(atoms.cell[:])
-        pbcs.append(atoms.pbc)
-        bidx.append(np.full(len(atoms), s))
-        edges.append(np.stack([i, j]) + offset)
-        shifts.append(S)
-        offset += len(atoms)
-    return AtomsBatch(
-        positions=torch.tensor(np.concatenate(pos), dtype=dtype),
-        numbers=torch.tensor(np.concatenate(num), dtype=torch.long),
-        cell=torch.tensor(np.stack(cells), dtype=dtype),
-        pbc=torch.tensor(np.stack(pbcs), dtype=torch.bool),
-        batch=torch.tensor(np.concatenate(bidx), dtype=torch.long),
-        edge_index=torch.tensor(np.concatenate(edges, axis=1), dtype=torch.long),
-        shifts=torch.tensor(np.concatenate(shifts), dtype=dtype),
-    ).validate()
+    return atoms_to_batch(structures, cutoff, dtype=dtype, labels=False)
 
 
 def _model(cls, seed: int = 0, **kw) -> torch.nn.Module:

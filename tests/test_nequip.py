@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.neighborlist import neighbor_list
 from e3nn import o3
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from janus_compile.data.batch import AtomsBatch
+from janus_compile.data import AtomsBatch, atoms_to_batch
 from janus_compile.models import NequIP
 from janus_compile.models.nequip import e3nn_eager_codegen
 
@@ -33,27 +32,7 @@ def random_atoms(rng: np.random.Generator, n: int) -> Atoms:
 
 
 def make_batch(structures, cutoff: float = CUTOFF, dtype=torch.float64) -> AtomsBatch:
-    pos, num, cells, pbcs, owner, edges, shifts = [], [], [], [], [], [], []
-    offset = 0
-    for s, atoms in enumerate(structures):
-        i, j, S = neighbor_list("ijS", atoms, cutoff)
-        pos.append(atoms.positions)
-        num.append(atoms.numbers)
-        cells.append(atoms.cell.array)
-        pbcs.append(atoms.pbc)
-        owner.append(np.full(len(atoms), s))
-        edges.append(np.stack([i, j]) + offset)
-        shifts.append(S)
-        offset += len(atoms)
-    return AtomsBatch(
-        positions=torch.tensor(np.concatenate(pos), dtype=dtype),
-        numbers=torch.tensor(np.concatenate(num), dtype=torch.int64),
-        cell=torch.tensor(np.stack(cells), dtype=dtype),
-        pbc=torch.tensor(np.stack(pbcs)),
-        batch=torch.tensor(np.concatenate(owner), dtype=torch.int64),
-        edge_index=torch.tensor(np.concatenate(edges, axis=1), dtype=torch.int64),
-        shifts=torch.tensor(np.concatenate(shifts), dtype=dtype),
-    ).validate()
+    return atoms_to_batch(structures, cutoff, dtype=dtype, labels=False)
 
 
 def small_model(seed: int = 0, **kwargs) -> NequIP:

@@ -15,11 +15,10 @@ from janus_compile.models import thirdparty  # noqa: E402
 spk = pytest.importorskip("schnetpack")
 
 import ase  # noqa: E402
-from ase.neighborlist import neighbor_list  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
-from janus_compile.data.batch import REQUIRED_FIELDS, AtomsBatch  # noqa: E402
+from janus_compile.data import REQUIRED_FIELDS, AtomsBatch, atoms_to_batch  # noqa: E402
 
 CUTOFF = 3.0
 KINDS = ["schnet", "painn"]
@@ -42,27 +41,7 @@ def random_structure(n, rng, scale=1.0, cell=None):
 
 
 def make_batch(structures, cutoff=CUTOFF):
-    pos, num, cells, pbcs, bat, edges, shifts = [], [], [], [], [], [], []
-    offset = 0
-    for s, atoms in enumerate(structures):
-        i, j, S = neighbor_list("ijS", atoms, cutoff)
-        pos.append(atoms.positions)
-        num.append(atoms.numbers)
-        cells.append(atoms.cell.array)
-        pbcs.append(atoms.pbc)
-        bat.append(np.full(len(atoms), s))
-        edges.append(np.stack([i + offset, j + offset]))
-        shifts.append(S)
-        offset += len(atoms)
-    return AtomsBatch(
-        positions=torch.tensor(np.concatenate(pos), dtype=torch.float64),
-        numbers=torch.tensor(np.concatenate(num), dtype=torch.long),
-        cell=torch.tensor(np.stack(cells), dtype=torch.float64),
-        pbc=torch.tensor(np.stack(pbcs), dtype=torch.bool),
-        batch=torch.tensor(np.concatenate(bat), dtype=torch.long),
-        edge_index=torch.tensor(np.concatenate(edges, axis=1), dtype=torch.long),
-        shifts=torch.tensor(np.concatenate(shifts), dtype=torch.float64),
-    ).validate()
+    return atoms_to_batch(structures, cutoff, dtype=torch.float64, labels=False)
 
 
 def batch_a():
