@@ -1,4 +1,4 @@
-"""``januspipe`` command line: demo, train, inspect."""
+"""``januspipe`` command line: demo, train, inspect, bench."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,7 @@ def _pipeline_train_and_report(args, structures) -> int:
 
     from .losses import EnergyForceLoss
     from .pipeline import PipelineTrainer
-    from .training import evaluate, make_batches, save_checkpoint
+    from .training import evaluate, make_batches
 
     import janus_compile
 
@@ -57,7 +57,7 @@ def _pipeline_train_and_report(args, structures) -> int:
     part = trainer.partition
     print(f"partition ({part.method}): max/mean rank time {part.imbalance():.3f}; simulated bubble "
           f"{100 * trainer.programs.meta['simulated']['bubble_fraction']:.1f}%")
-    losses = trainer.train(batches, epochs=args.epochs, lr=args.lr)
+    losses = trainer.train(batches, epochs=args.epochs, lr=args.lr, checkpoint=args.checkpoint, resume=getattr(args, "resume", False))
     steps = len(batches)
     print(f"{'epoch':>5} {'loss':>10}")
     for e in range(args.epochs):
@@ -71,8 +71,6 @@ def _pipeline_train_and_report(args, structures) -> int:
     )
     first, last = statistics.fmean(losses[:steps]), statistics.fmean(losses[-steps:])
     print(f"loss {'went down' if last < first else 'did NOT go down'}: {first:.4g} -> {last:.4g}")
-    if args.checkpoint:
-        save_checkpoint(args.checkpoint, model, torch.optim.Adam(model.parameters()), args.epochs - 1)
     return 0
 
 
@@ -132,6 +130,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="januspipe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass does")
@@ -167,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--data", default=None, help="extxyz file (default: built-in EMT structures)")
     _add_model_args(ins)
     ins.set_defaults(func=cmd_inspect)
+
+    from .bench import add_bench_args
+
+    bench = sub.add_parser("bench", help="real and simulated throughput of wavek vs 1f1b, hanayo, gpipe (tables + JSON)")
+    _add_model_args(bench)
+    add_bench_args(bench)
+    bench.set_defaults(layers=4, func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,748 @@
+"""`januspipe bench`: WaveK against the 1F1B, Hanayo and GPipe baselines, side by side.
+
+Two parts, both written to one JSON file and printed as markdown tables:
+
+- **real runs** (`run_real`): for every micro-batch count M and every schedule, a
+  `PipelineTrainer` on P local gloo processes runs timed training steps with ``lr=0``
+  (every compute, send, receive and the gradient all-reduce run; only the optimizer
+  update is skipped). Schedules alternate round-robin over ``repeats`` rounds, so a
+  change in machine load spreads over all of them instead of skewing one. Reported per
+  schedule: median / min / max step time, structures/s and atoms/s, the simulator's
+  predicted step time for the very programs that ran (``programs.meta["simulated"]``)
+  and its relative error, the simulated bubble fraction and pipeline efficiency, the
+  partition's estimated memory per rank and each worker's measured peak RSS; per M, the
+  throughput ratios wavek/1f1b and wavek/hanayo.
+- **simulated runs** (`run_simulation`): per-node costs calibrated on this machine, the
+  real model DAG partitioned (SymFold for wavek/gpipe/hanayo, the unfolded partition for
+  1f1b) and every schedule simulated at P ∈ {4, 8, 16, 32}, M ∈ {P, 2P, 4P}. A model
+  with too few units for P is rebuilt deeper (more interaction blocks) and the table
+  says so.
+
+Micro-batches have a fixed size (``mb_structures`` structures each), so a step with M
+micro-batches trains on M × ``mb_structures`` structures.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("1f1b", "hanayo", "wavek", "gpipe")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PAPER_RATIOS = {"wavek/1f1b": 1.51, "wavek/hanayo": 1.45}  # 32 GPUs, averaged (abstract)
+SIM_UNITS_PER_CHUNK = 1.5  # a simulated model gets at least this many units per chunk
+MAX_SIM_LAYERS = 64
+
+
+@dataclass
+class BenchConfig:
+    model: str = "schnet"
+    hidden: int = 32
+    layers: int = 4
+    cutoff: float = 4.5
+    dtype: str = "float32"
+    seed: int = 0
+    stages: int = 2
+    chunks: int = 1  # K for wavek and gpipe; hanayo always uses 2, 1f1b 1
+    microbatches: List[int] = field(default_factory=lambda: [4])
+    schedules: List[str] = field(default_factory=lambda: list(SCHEDULES))
+    repeats: int = 3
+    steps: int = 3  # timed steps per run
+    warmup: int = 1  # untimed steps per run (first-step allocations)
+    mb_structures: Optional[int] = None  # structures per micro-batch (default 2, or 1 with large)
+    atoms: int = 16  # atoms per EMT structure
+    large: Optional[int] = None  # >= this many atoms per structure (large_structure)
+    threads: int = 1  # torch threads in the parent (calibration); workers use 1
+    real: bool = True
+    simulate: bool = False
+    sim_models: List[str] = field(default_factory=lambda: ["schnet", "painn", "nequip"])
+    sim_stages: List[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    sim_factors: List[int] = field(default_factory=lambda: [1, 2, 4])  # M = factor × P
+    sim_chunks: List[int] = field(default_factory=lambda: [1, 2])  # K tried for wavek (best kept)
+    sim_ilp_time_s: float = 5.0
+    sim_bandwidth_gbs: float = 25.0
+    sim_latency_us: float = 20.0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.mb_structures is None:
+            self.mb_structures = 1 if self.large else 2
+        bad = [s for s in self.schedules if s not in SCHEDULES]
+        if bad:
+            raise ValueError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
+        for name in ("stages", "chunks", "repeats", "steps", "mb_structures", "atoms", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.microbatches or min(self.microbatches) < 1:
+            raise ValueError(f"microbatches must be positive integers, got {self.microbatches}")
+        if self.stages < 2 and self.real:
+            raise ValueError("a pipeline benchmark needs stages >= 2")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------
+
+
+def build_bench_model(name: str, hidden: int, layers: int, cutoff: float, dtype: str, seed: int) -> torch.nn.Module:
+    from .models import build_model
+
+    kwargs: Dict[str, Any] = {"cutoff": cutoff, "num_interactions": layers}
+    if name in ("schnet", "painn"):
+        kwargs["hidden"] = hidden
+    torch.manual_seed(seed)
+    return build_model(name, **kwargs).to(DTYPES[dtype]).train()
+
+
+def bench_structures(cfg: BenchConfig, count: int) -> list:
+    """``count`` labelled structures: EMT fcc (Cu, Al, CuAl) of ``cfg.atoms`` atoms each, or
+    ``large_structure(cfg.large)`` supercells (Cu, different seeds)."""
+    from .data import emt_dataset, large_structure
+
+    if cfg.large:
+        return [large_structure(cfg.large, seed=cfg.seed + k) for k in range(count)]
+    return emt_dataset("cu-al", num_structures=count, seed=cfg.seed, size=(cfg.atoms, cfg.atoms))
+
+
+def _batch(cfg: BenchConfig, structures: Sequence) -> Any:
+    from .data import atoms_to_batch
+
+    return atoms_to_batch(list(structures), cutoff=cfg.cutoff, dtype=DTYPES[cfg.dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# Worker instrumentation (peak RSS, last-step trace) without touching pipeline.py
+# ---------------------------------------------------------------------------------------
+
+
+def _status_kb(key: str) -> Optional[int]:
+    """A ``/proc/self/status`` field in kB (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _measured_worker(rank: int, world: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs ``fn`` (the trainer's worker) and adds the process's peak memory.
+
+    ``ru_maxrss`` of a spawned worker is floored by its parent's RSS (the kernel carries
+    the pre-exec high-water mark over), so on Linux the peak is read from ``VmHWM``
+    after resetting it (``/proc/self/clear_refs``): ``peak`` is then the peak *while
+    training* and ``peak - before`` what training added on top of the loaded worker
+    (interpreter, torch, the unpickled graphs and batches). Elsewhere ``peak`` is
+    ``ru_maxrss``, the lifetime peak. All in kB.
+    """
+    import resource
+
+    reset = False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        pass
+    before = _status_kb("VmRSS") if reset else None
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = fn(rank, world, *args, **kwargs)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm = _status_kb("VmHWM") if reset else None
+    if isinstance(result, dict):
+        mem = {"ru_maxrss_before": maxrss_before, "ru_maxrss": maxrss, "reset": reset}
+        if reset and before is not None and hwm is not None:
+            mem.update(before=before, peak=hwm)
+        else:
+            mem.update(before=maxrss_before, peak=maxrss)
+        result = {**result, "bench_maxrss_kb": mem}
+    return result
+
+
+@contextlib.contextmanager
+def capture_worker_results() -> Iterator[List[List[Any]]]:
+    """While active, `PipelineTrainer` runs its workers through `_measured_worker` and the
+    per-rank results of every launch are appended to the yielded list.
+
+    Done by swapping ``janus_compile.pipeline.launch_local`` for a wrapper (restored on
+    exit). If the trainer stops launching through that name, nothing is captured and the
+    bench reports estimated memory only.
+    """
+    from . import pipeline
+
+    real = pipeline.launch_local
+    captured: List[List[Any]] = []
+
+    def launch(fn, world_size, args=(), timeout_s=120.0, **kw):
+        results = real(_measured_worker, world_size, (fn, *tuple(args)), timeout_s=timeout_s, **kw)
+        captured.append(results)
+        return results
+
+    pipeline.launch_local = launch
+    try:
+        yield captured
+    finally:
+        pipeline.launch_local = real
+
+
+def _trace_busy(results: Sequence[Any]) -> Optional[List[float]]:
+    """Seconds of Compute per rank in the last step's trace (None without traces)."""
+    busy = []
+    for r in results:
+        if not isinstance(r, dict) or not r.get("trace"):
+            return None
+        busy.append(sum(e["dur"] for e in r["trace"] if "args" in e) * 1e-6)
+    return busy
+
+
+# ---------------------------------------------------------------------------------------
+# Real runs
+# ---------------------------------------------------------------------------------------
+
+
+def _stats(xs: Sequence[float]) -> Dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 5) -> Dict[str, Dict[str, Any]]:
+    """Re-simulate every trainer's programs with one set of per-node times.
+
+    Each trainer calibrates on its own (on a loaded machine the times of two calibrations
+    of the same graph differ by tens of percent), so its own prediction compares
+    schedules under different costs. Here the nodes are timed once (median of
+    ``repeats`` runs of the joint graph on the example micro-batch, one thread) and
+    every program set is simulated with those times; the programs are the ones that ran.
+    """
+    import dataclasses
+
+    from .passes.cost import measure_node_times
+    from .passes.wavek import PipelineDAG, simulate
+
+    measured: List[Dict[str, float]] = []
+    out = {}
+    for sched, tr in trainers.items():
+        need = set(tr.partition.node_times)
+        times = next((t for t in measured if need <= set(t)), None)
+        if times is None:
+            params, buffers = dict(tr.model.named_parameters()), dict(tr.model.named_buffers())
+            times = measure_node_times(tr.joint, params, buffers, [mb], repeats=repeats)[0]
+            measured.append(times)
+        part = dataclasses.replace(tr.partition, node_times=dict(times))
+        dag = PipelineDAG.from_partition(part, tr.microbatches)
+        sim = simulate(tr.programs, dag)
+        out[sched] = {"makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction, "efficiency": sim.efficiency, "compute_s": dag.total_work()}
+    return out
+
+
+def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
+    """One entry per M: per-schedule measurements and the throughput ratios."""
+    from .pipeline import PipelineTrainer
+    from .runtime.program import Recv
+
+    S = cfg.mb_structures
+    structures = bench_structures(cfg, max(cfg.microbatches) * S)
+    out = []
+    for M in cfg.microbatches:
+        batch = _batch(cfg, structures[: M * S])
+        trainers: Dict[str, Any] = {}
+        build_s: Dict[str, float] = {}
+        for sched in cfg.schedules:
+            t0 = time.perf_counter()
+            model = build_bench_model(cfg.model, cfg.hidden, cfg.layers, cfg.cutoff, cfg.dtype, cfg.seed)
+            chunks = 1 if sched == "1f1b" else cfg.chunks
+            trainers[sched] = PipelineTrainer(
+                model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s
+            )
+            build_s[sched] = time.perf_counter() - t0
+            if progress:
+                sim = trainers[sched].programs.meta["simulated"]
+                print(f"  [M={M}] built {sched}: {build_s[sched]:.1f} s, simulated step {1e3 * sim['makespan_s']:.2f} ms", flush=True)
+        from .data import split_microbatches
+
+        shared = _shared_simulation(trainers, split_microbatches(batch, M)[0])
+        if progress:
+            print(f"  [M={M}] shared-calibration simulated steps: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
+        times: Dict[str, List[float]] = {s: [] for s in cfg.schedules}
+        runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in cfg.schedules}
+        for rnd in range(cfg.repeats):
+            order = list(cfg.schedules[rnd % len(cfg.schedules):]) + list(cfg.schedules[: rnd % len(cfg.schedules)])
+            for sched in order:
+                tr = trainers[sched]
+                t0 = time.perf_counter()
+                with capture_worker_results() as captured:
+                    tr.train([batch] * (cfg.warmup + cfg.steps), epochs=1, lr=0.0)
+                step_times = list(tr.step_times[cfg.warmup:])
+                times[sched] += step_times
+                info: Dict[str, Any] = {"round": rnd, "step_times_s": step_times, "wall_s": time.perf_counter() - t0}
+                if captured:
+                    res = captured[-1]
+                    rss = [r.get("bench_maxrss_kb") if isinstance(r, dict) else None for r in res]
+                    if all(rss):
+                        info["maxrss_mb"] = [x["peak"] / 1024 for x in rss]
+                        info["rss_growth_mb"] = [(x["peak"] - x["before"]) / 1024 for x in rss]
+                    busy = _trace_busy(res)
+                    if busy is not None:
+                        info["last_step_compute_s"] = busy
+                runs[sched].append(info)
+                if progress:
+                    print(f"  [M={M}] round {rnd + 1}/{cfg.repeats} {sched}: steps " + " ".join(f"{1e3 * t:.1f}" for t in step_times) + " ms", flush=True)
+        per = {}
+        for sched in cfg.schedules:
+            tr = trainers[sched]
+            st = _stats(times[sched])
+            sim = tr.programs.meta["simulated"]
+            n_struct, n_atoms = batch.num_structures, batch.num_atoms
+            mem_est = tr.partition.rank_memory(max(sim.get("peak_in_flight") or [M]))
+            rss = [x["maxrss_mb"] for x in runs[sched] if "maxrss_mb" in x]
+            growth = [x["rss_growth_mb"] for x in runs[sched] if "rss_growth_mb" in x]
+            busy = [max(x["last_step_compute_s"]) for x in runs[sched] if "last_step_compute_s" in x]
+            busy_sum = [sum(x["last_step_compute_s"]) for x in runs[sched] if "last_step_compute_s" in x]
+            sim_busy = shared[sched]["compute_s"]
+            recv_tensors = [sum(len(a.tensors) for a in prog.actions if isinstance(a, Recv)) for prog in tr.programs.programs]
+            per[sched] = {
+                "chunks": tr.chunks,
+                "partition": tr.partition.method,
+                "build_s": build_s[sched],
+                "step_s": st,
+                "structures_per_s": n_struct / st["median"],
+                "atoms_per_s": n_atoms / st["median"],
+                # the simulator on the programs that ran, with one shared calibration (see
+                # `_shared_simulation`); the trainer's own prediction is kept as *_own
+                "simulated_step_s": shared[sched]["makespan_s"],
+                "sim_rel_error": (shared[sched]["makespan_s"] - st["median"]) / st["median"],
+                "sim_bubble_fraction": shared[sched]["bubble_fraction"],
+                "sim_efficiency": shared[sched]["efficiency"],
+                "simulated_step_s_own": sim["makespan_s"],
+                "sim_rel_error_own": (sim["makespan_s"] - st["median"]) / st["median"],
+                "sim_bubble_fraction_own": sim["bubble_fraction"],
+                "sim_efficiency_own": sim["efficiency"],
+                "sim_peak_in_flight": sim.get("peak_in_flight"),
+                "sim_compute_s": sim_busy,  # total compute of one step, all ranks (calibrated)
+                "measured_compute_s": statistics.median(busy_sum) if busy_sum else None,  # same, from the last-step traces
+                "measured_max_rank_compute_s": statistics.median(busy) if busy else None,
+                "partition_imbalance": tr.partition.imbalance(),
+                "recv_tensors_per_rank": recv_tensors,  # tensors each rank receives per step
+                "est_memory_per_rank_mb": [m["total"] / 2**20 for m in mem_est],
+                "measured_peak_rss_mb": [max(col) for col in zip(*rss)] if rss else None,
+                "measured_rss_growth_mb": [max(col) for col in zip(*growth)] if growth else None,
+                "wavek_rule": tr.programs.meta.get("wavek_rule"),
+                "runs": runs[sched],
+            }
+        thr = {s: per[s]["structures_per_s"] for s in per}
+        out.append(
+            {
+                "stages": cfg.stages,
+                "microbatches": M,
+                "structures_per_step": batch.num_structures,
+                "atoms_per_step": batch.num_atoms,
+                "edges_per_step": batch.num_edges,
+                "schedules": per,
+                "ratios": {
+                    "wavek/1f1b": _ratio(thr.get("wavek"), thr.get("1f1b")),
+                    "wavek/hanayo": _ratio(thr.get("wavek"), thr.get("hanayo")),
+                    "wavek/gpipe": _ratio(thr.get("wavek"), thr.get("gpipe")),
+                },
+                "sim_ratios": {
+                    "wavek/1f1b": _ratio(per.get("1f1b", {}).get("simulated_step_s"), per.get("wavek", {}).get("simulated_step_s")),
+                    "wavek/hanayo": _ratio(per.get("hanayo", {}).get("simulated_step_s"), per.get("wavek", {}).get("simulated_step_s")),
+                },
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Simulated runs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SimModel:
+    layers: int
+    joint: Any
+    node_times: Dict[str, float]
+    sizes: Dict[str, int]
+    max_units: int
+    calibrate_s: float
+
+
+def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[Any]) -> _SimModel:
+    """Capture the joint graph of ``name`` with ``layers`` blocks and calibrate its per-node
+    times on this machine (on two micro-batch sizes; evaluated at the first one's)."""
+    import janus_compile
+
+    from .compiled import size_values_from_batch
+    from .passes.cost import calibrate
+    from .passes.units import build_units
+
+    t0 = time.perf_counter()
+    model = build_bench_model(name, cfg.hidden, layers, cfg.cutoff, cfg.dtype, cfg.seed)
+    compiled = janus_compile.compile(model, mbs[0])
+    joint = compiled.joint_graph(mbs[0])
+    cm = calibrate(joint, dict(model.named_parameters()), dict(model.named_buffers()), list(mbs), repeats=3)
+    sizes = size_values_from_batch(mbs[0])
+    node_times = cm.times(joint.gm.graph, sizes)
+    units = build_units(joint.gm.graph, min_units=10**9)
+    return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0)
+
+
+def _sim_schedules(dag_of: Dict[Tuple[str, int], Any], schedules: Sequence[str], sim_chunks: Sequence[int]) -> Dict[str, Any]:
+    from .passes.wavek import make_programs
+
+    res: Dict[str, Any] = {}
+    for sched in schedules:
+        if sched == "1f1b":
+            keys = [("unfolded", 1)]
+        elif sched == "hanayo":
+            keys = [("symfold", 2)]
+        elif sched == "wavek":
+            keys = [("symfold", k) for k in sim_chunks]
+        else:  # gpipe: same K as the first wavek K
+            keys = [("symfold", sim_chunks[0])]
+        best = None
+        for key in keys:
+            dag = dag_of.get(key)
+            if dag is None:
+                continue
+            sim = make_programs(dag, sched).meta["simulated"]
+            cand = {"chunks": key[1], "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"], "bubble_fraction": sim["bubble_fraction"], "peak_in_flight": max(sim["peak_in_flight"])}
+            if best is None or cand["makespan_s"] < best["makespan_s"]:
+                best = cand
+        if best is not None:
+            res[sched] = best
+    return res
+
+
+def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
+    """Simulate every schedule on the calibrated real DAGs at every P and M of the grid."""
+    from .passes.symfold import partition_graph
+    from .passes.wavek import PipelineDAG
+
+    S = cfg.mb_structures
+    structures = bench_structures(cfg, 3 * S)
+    mbs = [_batch(cfg, structures[:S]), _batch(cfg, structures[S : 3 * S])]
+    rows: List[Dict[str, Any]] = []
+    notes: List[str] = []
+    bandwidth, latency = cfg.sim_bandwidth_gbs * 1e9, cfg.sim_latency_us * 1e-6
+    kmax = max([2] + list(cfg.sim_chunks))
+    for name in cfg.sim_models:
+        cache: Dict[int, _SimModel] = {}
+
+        def get(layers: int) -> _SimModel:
+            if layers not in cache:
+                cache[layers] = _prepare_sim_model(cfg, name, layers, mbs)
+                if progress:
+                    sm = cache[layers]
+                    print(f"  [sim] {name} with {layers} blocks: {sm.max_units} units, calibrated in {sm.calibrate_s:.1f} s", flush=True)
+            return cache[layers]
+
+        base = get(cfg.layers)
+        for P in cfg.sim_stages:
+            need = math.ceil(SIM_UNITS_PER_CHUNK * P * kmax)
+            layers, sm = cfg.layers, base
+            while sm.max_units < need and layers < MAX_SIM_LAYERS:
+                per_layer = max(1.0, sm.max_units / layers)
+                layers = min(MAX_SIM_LAYERS, max(layers + 1, math.ceil(need / per_layer)))
+                sm = get(layers)
+            if layers != cfg.layers:
+                note = f"{name} at P={P}: {cfg.layers} blocks give {base.max_units} units, fewer than {need}; simulated with {layers} blocks ({sm.max_units} units)"
+                notes.append(note)
+            parts: Dict[Tuple[str, int], Any] = {}
+            errors: Dict[str, str] = {}
+            t0 = time.perf_counter()
+            keys = {("unfolded", 1), ("symfold", 2)} | {("symfold", k) for k in cfg.sim_chunks}
+            for method, K in sorted(keys):
+                try:
+                    parts[(method, K)] = partition_graph(
+                        sm.joint.gm, P, K, method, node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s
+                    )
+                except Exception as exc:  # a partition the model cannot give: reported, not fatal
+                    errors[f"{method} K={K}"] = f"{type(exc).__name__}: {exc}"
+            part_s = time.perf_counter() - t0
+            for f in cfg.sim_factors:
+                M = f * P
+                dags = {k: PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency) for k, p in parts.items()}
+                res = _sim_schedules(dags, cfg.schedules, cfg.sim_chunks)
+                thr = {s: M * S / r["makespan_s"] for s, r in res.items()}
+                row = {
+                    "model": name,
+                    "layers": layers,
+                    "stages": P,
+                    "microbatches": M,
+                    "schedules": res,
+                    "structures_per_s": thr,
+                    "ratios": {
+                        "wavek/1f1b": _ratio(thr.get("wavek"), thr.get("1f1b")),
+                        "wavek/hanayo": _ratio(thr.get("wavek"), thr.get("hanayo")),
+                        "wavek/gpipe": _ratio(thr.get("wavek"), thr.get("gpipe")),
+                    },
+                    "wavek_efficiency": res.get("wavek", {}).get("efficiency"),
+                    "imbalance": {f"{m} K={k}": p.imbalance() for (m, k), p in parts.items()},
+                    "partition_s": part_s,
+                    "errors": errors,
+                }
+                rows.append(row)
+                if progress:
+                    r = row["ratios"]
+                    print(f"  [sim] {name} P={P} M={M}: wavek/1f1b {_fmt(r['wavek/1f1b'])}, wavek/hanayo {_fmt(r['wavek/hanayo'])}, wavek eff {_fmt(row['wavek_efficiency'])}", flush=True)
+    return {
+        "rows": rows,
+        "averages": sim_averages(rows),
+        "notes": notes,
+        "micro_batch": {"structures": S, **_sizes_of(mbs[0])},
+        "bandwidth_gb_s": cfg.sim_bandwidth_gbs,
+        "latency_us": cfg.sim_latency_us,
+        "paper": PAPER_RATIOS,
+    }
+
+
+def _sizes_of(batch: Any) -> Dict[str, int]:
+    return {"atoms": batch.num_atoms, "edges": batch.num_edges}
+
+
+def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.fmean(xs) if xs else None
+
+
+def _gmean(xs: Sequence[Optional[float]]) -> Optional[float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else None
+
+
+def sim_averages(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per P (and over all P): arithmetic and geometric means over models and M."""
+    out = []
+    groups = sorted({r["stages"] for r in rows})
+    for P in groups + ["all"]:
+        sel = [r for r in rows if P == "all" or r["stages"] == P]
+        out.append(
+            {
+                "stages": P,
+                "n": len(sel),
+                "wavek/1f1b": _mean([r["ratios"]["wavek/1f1b"] for r in sel]),
+                "wavek/hanayo": _mean([r["ratios"]["wavek/hanayo"] for r in sel]),
+                "wavek/1f1b_gmean": _gmean([r["ratios"]["wavek/1f1b"] for r in sel]),
+                "wavek/hanayo_gmean": _gmean([r["ratios"]["wavek/hanayo"] for r in sel]),
+                "wavek_efficiency": _mean([r["wavek_efficiency"] for r in sel]),
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------
+
+
+def _fmt(x: Optional[float], spec: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:+.0f}%"
+
+
+def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
+    lines = []
+    for e in entries:
+        lines.append(
+            f"**P={e['stages']}, M={e['microbatches']}** ({e['structures_per_step']} structures, "
+            f"{e['atoms_per_step']} atoms, {e['edges_per_step']} edges per step)\n"
+        )
+        lines.append(
+            "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms (own cal.) | sim error "
+            "| sim bubble | sim efficiency | compute ms calibrated / traced | recv tensors/rank | est. mem/rank MB "
+            "| peak RSS/rank MB (training growth) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for s, r in e["schedules"].items():
+            st = r["step_s"]
+            rss = r["measured_peak_rss_mb"]
+            growth = r["measured_rss_growth_mb"]
+            rss_txt = "n/a" if rss is None else f"{max(rss):.0f} (+{max(growth):.0f})"
+            lines.append(
+                f"| {s} | {r['chunks']} | {1e3 * st['median']:.1f} | {1e3 * st['min']:.1f} | {1e3 * st['max']:.1f} "
+                f"| {r['structures_per_s']:.1f} | {r['atoms_per_s']:.0f} | {1e3 * r['simulated_step_s']:.1f} ({1e3 * r['simulated_step_s_own']:.1f}) "
+                f"| {_pct(r['sim_rel_error'])} | {100 * r['sim_bubble_fraction']:.1f}% | {r['sim_efficiency']:.2f} "
+                f"| {1e3 * r['sim_compute_s']:.0f} / {_fmt(None if r['measured_compute_s'] is None else 1e3 * r['measured_compute_s'], '.0f')} "
+                f"| {max(r['recv_tensors_per_rank'])} "
+                f"| {max(r['est_memory_per_rank_mb']):.2f} | {rss_txt} |"
+            )
+        ra, sr = e["ratios"], e["sim_ratios"]
+        lines.append(
+            f"\nmeasured: wavek/1f1b **{_fmt(ra['wavek/1f1b'])}×**, wavek/hanayo **{_fmt(ra['wavek/hanayo'])}×**, "
+            f"wavek/gpipe {_fmt(ra['wavek/gpipe'])}×; simulated: wavek/1f1b {_fmt(sr['wavek/1f1b'])}×, "
+            f"wavek/hanayo {_fmt(sr['wavek/hanayo'])}×\n"
+        )
+    return "\n".join(lines)
+
+
+def markdown_sim(sim: Dict[str, Any]) -> str:
+    rows = sim["rows"]
+    scheds = [s for s in SCHEDULES if any(s in r["schedules"] for r in rows)]
+    head = "| model | blocks | P | M | " + " | ".join(f"{s} str/s" for s in scheds) + " | wavek K | wavek/1f1b | wavek/hanayo | wavek eff. |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        thr = r["structures_per_s"]
+        wk = r["schedules"].get("wavek", {})
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['stages']} | {r['microbatches']} | "
+            + " | ".join(_fmt(thr.get(s), ".1f") for s in scheds)
+            + f" | {wk.get('chunks', 'n/a')} | {_fmt(r['ratios']['wavek/1f1b'])} | {_fmt(r['ratios']['wavek/hanayo'])} | {_fmt(r['wavek_efficiency'])} |"
+        )
+    lines += ["", "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency |", "|---|---|---|---|---|"]
+    for a in sim["averages"]:
+        lines.append(
+            f"| {a['stages']} | {a['n']} | {_fmt(a['wavek/1f1b'])} ({_fmt(a['wavek/1f1b_gmean'])}) | "
+            f"{_fmt(a['wavek/hanayo'])} ({_fmt(a['wavek/hanayo_gmean'])}) | {_fmt(a['wavek_efficiency'])} |"
+        )
+    p = sim["paper"]
+    lines.append(f"\npaper (32 GPUs, averaged): wavek/1f1b {p['wavek/1f1b']}×, wavek/hanayo {p['wavek/hanayo']}×")
+    for n in sim["notes"]:
+        lines.append(f"\nnote: {n}")
+    for r in rows:
+        for k, v in r["errors"].items():
+            lines.append(f"\nnote: {r['model']} P={r['stages']} M={r['microbatches']}: partition {k} failed: {v}")
+    return "\n".join(lines)
+
+
+def machine_info() -> Dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "backend": "gloo (local processes, loopback)",
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
+    """Everything the config asks for, as one JSON-ready dict."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # calibrate as the workers run: one thread each
+    t0 = time.perf_counter()
+    try:
+        result: Dict[str, Any] = {"config": asdict(cfg), "machine": machine_info()}
+        if cfg.real:
+            result["real"] = run_real(cfg, progress)
+        if cfg.simulate:
+            result["simulated"] = run_simulation(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+    result["wall_s"] = time.perf_counter() - t0
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
+
+
+def report(result: Dict[str, Any]) -> str:
+    cfg = result["config"]
+    m = result["machine"]
+    out = [
+        f"# januspipe bench: {cfg['model']} (hidden {cfg['hidden']}, {cfg['layers']} blocks, {cfg['dtype']}), "
+        f"{m['cpus']} CPUs, torch {m['torch']}, {m['backend']}\n"
+    ]
+    if "real" in result:
+        out += ["## Real runs\n", markdown_real(result["real"])]
+    if "simulated" in result:
+        mb = result["simulated"]["micro_batch"]
+        out += [
+            f"## Simulated (costs calibrated here; micro-batch {mb['structures']} structures, {mb['atoms']} atoms, "
+            f"{mb['edges']} edges; links {result['simulated']['bandwidth_gb_s']} GB/s, {result['simulated']['latency_us']} µs)\n",
+            markdown_sim(result["simulated"]),
+        ]
+    out.append(f"\nbench wall time {result['wall_s']:.0f} s")
+    return "\n".join(out)
+
+
+def config_from_args(args: Any) -> BenchConfig:
+    return BenchConfig(
+        model=args.model,
+        hidden=args.hidden,
+        layers=args.layers,
+        cutoff=args.cutoff,
+        dtype=args.dtype,
+        seed=args.seed,
+        stages=args.stages,
+        chunks=args.chunks,
+        microbatches=list(args.microbatches),
+        schedules=list(args.schedules),
+        repeats=args.repeats,
+        steps=args.steps,
+        warmup=args.warmup,
+        mb_structures=args.mb_structures,
+        atoms=args.atoms,
+        large=args.large,
+        real=not args.no_real,
+        simulate=args.simulate,
+        sim_models=list(args.sim_models),
+        sim_stages=list(args.sim_stages),
+        sim_factors=list(args.sim_factors),
+        sim_chunks=list(args.sim_chunks),
+        sim_ilp_time_s=args.sim_ilp_time,
+        sim_bandwidth_gbs=args.sim_bandwidth,
+        sim_latency_us=args.sim_latency_us,
+    )
+
+
+def add_bench_args(p: Any) -> None:
+    p.add_argument("--stages", type=int, default=2, help="P: pipeline stages = local processes")
+    p.add_argument("--chunks", type=int, default=1, help="K for wavek and gpipe (hanayo always 2, 1f1b 1)")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[4], help="M, one or more (e.g. 4 8 16)")
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    p.add_argument("--repeats", type=int, default=3, help="rounds; schedules alternate round-robin within each")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    p.add_argument("--mb-structures", type=int, default=None, help="structures per micro-batch (default 2; 1 with --large)")
+    p.add_argument("--atoms", type=int, default=16, help="atoms per EMT structure")
+    p.add_argument("--large", type=int, default=None, metavar="N", help="use >= N-atom fcc Cu supercells (large_structure)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--markdown", default=None, help="write the tables as markdown here")
+    p.add_argument("--no-real", action="store_true", help="skip the real multi-process runs")
+    p.add_argument("--simulate", action="store_true", help="also simulate every schedule at P in --sim-stages")
+    p.add_argument("--sim-models", nargs="+", default=["schnet", "painn", "nequip"], choices=["schnet", "painn", "nequip"])
+    p.add_argument("--sim-stages", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--sim-factors", type=int, nargs="+", default=[1, 2, 4], help="simulated M = factor × P")
+    p.add_argument("--sim-chunks", type=int, nargs="+", default=[1, 2], help="K tried for simulated wavek (best kept)")
+    p.add_argument("--sim-ilp-time", type=float, default=5.0, help="ILP time limit per solve in the simulation (s)")
+    p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
+    p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")
+
+
+def main(args: Any) -> int:
+    cfg = config_from_args(args)
+    result = run_bench(cfg)
+    text = report(result)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {args.out}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return 0
