@@ -59,9 +59,13 @@ def _pipeline_train_and_report(args, structures) -> int:
           f"{100 * trainer.programs.meta['simulated']['bubble_fraction']:.1f}%")
     losses = trainer.train(batches, epochs=args.epochs, lr=args.lr, checkpoint=args.checkpoint, resume=getattr(args, "resume", False))
     steps = len(batches)
+    ran = len(losses) // steps  # fewer than --epochs when resumed from a checkpoint
     print(f"{'epoch':>5} {'loss':>10}")
-    for e in range(args.epochs):
-        print(f"{e + 1:>5} {statistics.fmean(losses[e * steps:(e + 1) * steps]):>10.4g}")
+    for e in range(ran):
+        print(f"{args.epochs - ran + e + 1:>5} {statistics.fmean(losses[e * steps:(e + 1) * steps]):>10.4g}")
+    if ran == 0:
+        print(f"nothing to do: the checkpoint already covers {args.epochs} epochs")
+        return 0
     metrics = evaluate(janus_compile.compile(model), batches)
     median_step = statistics.median(trainer.step_times)
     per_step = statistics.fmean(b.num_structures for b in batches)
@@ -69,8 +73,9 @@ def _pipeline_train_and_report(args, structures) -> int:
         f"E MAE {1000 * metrics['energy_mae_per_atom']:.2f} meV/atom, F MAE {1000 * metrics['force_mae']:.1f} meV/Å; "
         f"median step {1000 * median_step:.1f} ms = {per_step / median_step:.1f} structures/s"
     )
-    first, last = statistics.fmean(losses[:steps]), statistics.fmean(losses[-steps:])
-    print(f"loss {'went down' if last < first else 'did NOT go down'}: {first:.4g} -> {last:.4g}")
+    if ran >= 2:
+        first, last = statistics.fmean(losses[:steps]), statistics.fmean(losses[-steps:])
+        print(f"loss {'went down' if last < first else 'did NOT go down'}: {first:.4g} -> {last:.4g}")
     return 0
 
 

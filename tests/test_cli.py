@@ -60,3 +60,19 @@ def test_readme_example_runs():
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "parameter gradients" in out.stdout
+
+
+@pytest.mark.distributed
+def test_pipelined_train_checkpoint_and_resume(tmp_path, capsys):
+    data = tmp_path / "train.extxyz"
+    write_extxyz(data, emt_dataset("cu", num_structures=4, seed=5, size=8, cache_dir=tmp_path))
+    ckpt = tmp_path / "pipe.pt"
+    common = [str(data), "--stages", "2", "--microbatches", "2", "--hidden", "8", "--layers", "2", "--batch-size", "2", "--checkpoint", str(ckpt)]
+    assert main(["train", *common, "--epochs", "1"]) == 0
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+    capsys.readouterr()
+    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "\n    2 " in out and "\n    1 " not in out, out
+    eager = build_model("schnet", hidden=8, num_interactions=2, cutoff=4.5)
+    assert load_checkpoint(ckpt, eager) == 2
