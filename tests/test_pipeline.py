@@ -75,12 +75,12 @@ def test_training_loss_curve_matches_eager():
 def test_lost_rank_is_named_and_others_exit(monkeypatch):
     model = _model()
     batch = random_batch(3, 4)
-    trainer = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks=1, microbatches=2, schedule="gpipe", calibrate=False, timeout_s=60)
+    trainer = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks=1, microbatches=2, schedule="gpipe", calibrate=False, timeout_s=120)
     monkeypatch.setenv("JANUSPIPE_FAULT", "1:0:3")  # rank 1 dies at its 4th action of step 0
     start = time.time()
     with pytest.raises(WorkerError) as info:
         trainer.gradients(batch)
-    assert time.time() - start < 120
+    assert time.time() - start < 240  # spawn + detection; the timeout is 120 s per wait
     text = str(info.value)
     assert "rank 1" in text and ("lost rank 1" in text or "without a result" in text), text
 
