@@ -464,8 +464,13 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
             need = math.ceil(SIM_UNITS_PER_CHUNK * P * kmax)
             layers, sm = cfg.layers, base
             while sm.max_units < need and layers < MAX_SIM_LAYERS:
-                per_layer = max(1.0, sm.max_units / layers)
-                layers = min(MAX_SIM_LAYERS, max(layers + 1, math.ceil(need / per_layer)))
+                # units grow about linearly with blocks: extrapolate through this model and
+                # the deepest other one captured (with none: units per block, a lower bound)
+                l2, u2 = layers, sm.max_units
+                others = [(l, c.max_units) for l, c in cache.items() if l != layers]
+                l1, u1 = max(others, key=lambda x: x[0]) if others else (0, 0)
+                per_layer = max(1.0, (u2 - u1) / (l2 - l1)) if l2 != l1 else max(1.0, u2 / l2)
+                layers = min(MAX_SIM_LAYERS, max(layers + 1, l2 + math.ceil((need - u2) / per_layer)))
                 sm = get(layers)
             if layers != cfg.layers:
                 note = f"{name} at P={P}: {cfg.layers} blocks give {base.max_units} units, fewer than {need}; simulated with {layers} blocks ({sm.max_units} units)"
