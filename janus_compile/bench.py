@@ -8,10 +8,12 @@ Two parts, both written to one JSON file and printed as markdown tables:
   update is skipped). Schedules alternate round-robin over ``repeats`` rounds, so a
   change in machine load spreads over all of them instead of skewing one. Reported per
   schedule: median / min / max step time, structures/s and atoms/s, the simulator's
-  predicted step time for the very programs that ran (``programs.meta["simulated"]``)
-  and its relative error, the simulated bubble fraction and pipeline efficiency, the
-  partition's estimated memory per rank and each worker's measured peak RSS; per M, the
-  throughput ratios wavek/1f1b and wavek/hanayo.
+  predicted step time for the very programs that ran (re-simulated with one shared
+  calibration, see `_shared_simulation`; the trainer's own ``programs.meta["simulated"]``
+  is kept too) and its relative error, the simulated bubble fraction and pipeline
+  efficiency, compute time calibrated vs traced, tensors received per rank, the
+  partition's estimated memory per rank and each worker's measured peak memory; per M,
+  the throughput ratios wavek/1f1b and wavek/hanayo (and wavek/gpipe).
 - **simulated runs** (`run_simulation`): per-node costs calibrated on this machine, the
   real model DAG partitioned (SymFold for wavek/gpipe/hanayo, the unfolded partition for
   1f1b) and every schedule simulated at P ∈ {4, 8, 16, 32}, M ∈ {P, 2P, 4P}. A model
@@ -74,6 +76,7 @@ class BenchConfig:
     sim_bandwidth_gbs: float = 25.0
     sim_latency_us: float = 20.0
     timeout_s: float = 600.0
+    dump_dir: Optional[str] = None  # per run: <dump_dir>/<schedule>-M<M>/ (schedules, Gantt charts, traces)
 
     def __post_init__(self) -> None:
         if self.mb_structures is None:
@@ -273,8 +276,9 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             t0 = time.perf_counter()
             model = build_bench_model(cfg.model, cfg.hidden, cfg.layers, cfg.cutoff, cfg.dtype, cfg.seed)
             chunks = 1 if sched == "1f1b" else cfg.chunks
+            extra = {"dump_dir": os.path.join(cfg.dump_dir, f"{sched}-M{M}")} if cfg.dump_dir else {}
             trainers[sched] = PipelineTrainer(
-                model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s
+                model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s, **extra
             )
             build_s[sched] = time.perf_counter() - t0
             if progress:
@@ -579,7 +583,7 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
             f"{e['atoms_per_step']} atoms, {e['edges_per_step']} edges per step)\n"
         )
         lines.append(
-            "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms (own cal.) | sim error "
+            "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared cal. (own) | sim error "
             "| sim bubble | sim efficiency | compute ms calibrated / traced | recv tensors/rank | est. mem/rank MB "
             "| peak RSS/rank MB (training growth) |"
         )
@@ -711,6 +715,7 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_ilp_time_s=args.sim_ilp_time,
         sim_bandwidth_gbs=args.sim_bandwidth,
         sim_latency_us=args.sim_latency_us,
+        dump_dir=args.dump_dir,
     )
 
 
