@@ -39,9 +39,20 @@ class TensorSpec:
     shape: Tuple[str, ...]
     dtype: torch.dtype
 
+    def __getstate__(self):  # the compiled shape function is rebuilt in each process
+        return {k: v for k, v in self.__dict__.items() if k != "_dims_fn"}
+
     def materialise(self, sizes: Mapping[str, int], device: torch.device) -> torch.Tensor:
-        symbols = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
-        dims = [int(sympy.sympify(s, locals={k: sympy.Symbol(k, integer=True, positive=True) for k in sizes}).xreplace(symbols)) for s in self.shape]
+        # Parsing the shape text is slow (sympy); it happens once per spec and process,
+        # not on every receive of every step.
+        fn = self.__dict__.get("_dims_fn")
+        if fn is None:
+            names = ("atoms", "edges", "structures")
+            args = [sympy.Symbol(k, integer=True, positive=True) for k in names]
+            exprs = [sympy.sympify(s, locals=dict(zip(names, args))) for s in self.shape]
+            fn = sympy.lambdify(args, exprs, modules="math")
+            self.__dict__["_dims_fn"] = fn
+        dims = [int(d) for d in fn(*(sizes.get(k, 0) for k in ("atoms", "edges", "structures")))]
         return torch.empty(dims, dtype=self.dtype, device=device)
 
 
