@@ -182,11 +182,12 @@ class _GraphRunner:
 def januspipe_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[Mapping[str, Any]] = None):
     """torch.compile backend entry point (also registered as the ``januspipe`` entry point)."""
     opts = JanusOptions.from_mapping(options)
-    if opts.pipelined:
+    if opts.pipelined or opts.world_size > 1:
         raise JanusError(
             "the torch.compile path sees the model in fragments (Dynamo breaks the graph at "
-            "torch.autograd.grad), so it cannot partition it into pipeline stages; use "
-            "janus_compile.compile(model, example_batch, stages=..., chunks=...) instead"
+            "torch.autograd.grad), so it cannot partition it into pipeline stages or shard it; use "
+            "janus_compile.PipelineTrainer(model, example_batch, stages=..., data_parallel=..., "
+            "graph_parallel=...) instead"
         )
     return _GraphRunner(gm, example_inputs)
 

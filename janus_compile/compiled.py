@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data.batch import NORMALIZER_FIELDS, REQUIRED_FIELDS, TARGET_FIELDS, AtomsBatch
-from .dump import dump_graphs, dump_partition
+from .dump import dump_graph_parallel, dump_graphs, dump_partition
 from .losses import EnergyForceLoss
 from .options import JanusOptions
 from .passes.capture import ForceGraph, capture_force_graph
@@ -38,6 +38,7 @@ class CompiledMLIP(nn.Module):
         self._force_graphs: List[ForceGraph] = []
         self._joint_graphs: List[JointGraph] = []
         self._partitions: Dict[int, Any] = {}  # id(joint graph) -> Partition
+        self.graph_parallel_reports: Dict[int, Any] = {}  # id(joint graph) -> GraphParallelReport
         self._dumped = False
 
     # -- graph selection -----------------------------------------------------------------
@@ -62,15 +63,27 @@ class CompiledMLIP(nn.Module):
                 return graph
         fg = self.force_graph(batch)
         graph = build_joint_graph(fg, dict(self.model.named_parameters()), dict(self.model.named_buffers()), batch, self.loss)
+        if self.options.graph_parallel > 1:
+            # Exact in one process too: without a gp group the inserted sums are identities.
+            from .passes.gp import shard_edges
+
+            self.graph_parallel_reports[id(graph)] = shard_edges(graph.gm)
         self._joint_graphs.append(graph)
-        if self.options.pipelined:
+        if self._distributed:
             self._partitions[id(graph)] = self._partition(graph, batch)
         if self.options.dump_dir and not self._dumped:
             dump_graphs(self.options.dump_dir, fg, graph)
-            if self.options.pipelined:
+            if self._distributed:
                 dump_partition(self.options.dump_dir, self._partitions[id(graph)], graph)
+            if id(graph) in self.graph_parallel_reports:
+                dump_graph_parallel(self.options.dump_dir, self.graph_parallel_reports[id(graph)], self.options.graph_parallel)
             self._dumped = True
         return graph
+
+    @property
+    def _distributed(self) -> bool:
+        """Split graphs are needed: a pipeline, or a run on several processes."""
+        return self.options.pipelined or self.options.world_size > 1
 
     def _partition(self, graph: JointGraph, batch: AtomsBatch):
         """SymFold (or a baseline) with per-node times calibrated on this batch and device."""
@@ -80,7 +93,7 @@ class CompiledMLIP(nn.Module):
         opts = self.options
         sizes = size_values_from_batch(batch)
         node_times = None
-        if opts.calibrate:
+        if opts.calibrate and opts.pipelined:
             params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
             device = batch.positions.device.type
             node_times = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
@@ -113,7 +126,7 @@ class CompiledMLIP(nn.Module):
         params = dict(self.model.named_parameters())
         buffers = dict(self.model.named_buffers())
         with torch.no_grad():
-            if self.options.pipelined:
+            if self._distributed:
                 # Reference execution of the split graphs, in dependency order, in this process.
                 outs = self._partitions[id(graph)].plan.run(graph.flat_inputs(params, buffers, batch))
                 loss, outputs, grads = graph.unflatten(outs)

@@ -222,3 +222,19 @@ def dump_partition(dump_dir: Union[str, os.PathLike], partition, joint_graph=Non
         render_svg(root / "partition.dot")
     log.info("wrote partition dumps to %s", root)
     return root
+
+
+def dump_graph_parallel(dump_dir: Union[str, os.PathLike], report, graph_parallel: int) -> Path:
+    """graph_parallel.md: the all-reduces the gp pass inserted, per phase, with their bytes."""
+    path = Path(dump_dir) / "graph_parallel.md"
+    text = (
+        f"# Graph parallelism (gp = {graph_parallel})\n\n"
+        f"{report.sharded_nodes} per-edge nodes run on 1/{graph_parallel} of the edges on every gp rank; "
+        f"{sum(report.all_reduces.values())} sum all-reduces restore the per-atom, per-structure and "
+        f"parameter-gradient values ({report.rewritten_accumulations} accumulations rewritten so that "
+        "their destination is counted once).\n\n"
+        + report.table()
+        + "\n"
+    )
+    _write(path, text)
+    return path

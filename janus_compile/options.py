@@ -20,12 +20,17 @@ class JanusOptions:
     """What the user can set; see docs/usage.md.
 
     stages (P), chunks per stage (K) and microbatches (M) describe the pipeline;
+    ``data_parallel`` (replicas, each with its own M micro-batches) and
+    ``graph_parallel`` (ranks sharing the edges of every micro-batch) the other two
+    axes of the (pp, dp, gp) mesh;
     ``dump_dir`` (or env ``JANUSPIPE_DUMP``) receives every intermediate artefact.
     """
 
     stages: int = 1
     chunks: int = 1
     microbatches: int = 1
+    data_parallel: int = 1
+    graph_parallel: int = 1
     schedule: str = "wavek"
     partition: str = "symfold"
     ilp_time_limit_s: float = 30.0
@@ -47,7 +52,7 @@ class JanusOptions:
         return opts
 
     def validate(self) -> None:
-        for name in ("stages", "chunks", "microbatches"):
+        for name in ("stages", "chunks", "microbatches", "data_parallel", "graph_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise OptionsError(f"option {name!r} must be a positive integer, got {value!r}")
@@ -63,3 +68,8 @@ class JanusOptions:
     @property
     def pipelined(self) -> bool:
         return self.stages * self.chunks > 1
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one training run: pp × dp × gp."""
+        return self.stages * self.data_parallel * self.graph_parallel

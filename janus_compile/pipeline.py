@@ -1,13 +1,17 @@
-"""`PipelineTrainer`: compile once, schedule, and train with P processes.
+"""`PipelineTrainer`: compile once, schedule, and train on a (pp, dp, gp) mesh of processes.
 
-The parent process captures the model, builds the joint graph, partitions it (SymFold,
-or the unfolded partition for the 1F1B baseline), generates one program per rank with
-the chosen schedule and validates them. Workers receive the split graphs and programs
-(pickled), run their program for every step, and keep parameters in sync with one
-gradient all-reduce per step (each gradient is computed on exactly one rank; the others
-contribute zeros), after which every rank applies the same optimizer step. Parameters
-are small next to an MLIP's activations, so replicating them keeps the runtime simple;
-what is pipelined is the activation memory and the compute.
+The parent process captures the model, builds the joint graph, shards its edges for
+graph parallelism (`passes/gp.py`, when gp > 1), partitions it (SymFold, or the unfolded
+partition for the 1F1B baseline), generates one program per pipeline stage with the
+chosen schedule and validates them. Workers (pp × dp × gp processes, placed as
+`runtime/mesh.py` describes) receive the split graphs and programs (pickled). Every
+(dp, gp) slice runs the same pipeline programs: replica d on its own micro-batches, gp
+rank g on its shard of every micro-batch's edges. Parameters stay in sync with one
+bucketed gradient all-reduce per step over the (pp, dp) ranks of each gp index (each
+gradient is computed on one stage of every replica; the other stages contribute zeros),
+after which every rank applies the same optimizer step. Parameters are small next to an
+MLIP's activations, so replicating them keeps the runtime simple; what is pipelined and
+sharded is the activation memory and the compute.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from torch import nn
 
 from .compiled import CompiledMLIP, compile as compile_model, size_values_from_batch
 from .data.batch import AtomsBatch
-from .data.collate import split_microbatches
+from .data.batch import BatchError
+from .data.collate import edge_shard, split_microbatches
 from .losses import EnergyForceLoss
 from .options import JanusOptions
 from .runtime.executor import RankExecutor, StageGraphs
@@ -37,6 +42,7 @@ PARTITION_OF_SCHEDULE = {"1f1b": "unfolded"}
 class StepOutput:
     loss: float
     grads: Dict[str, torch.Tensor]  # parameter name -> gradient of the whole batch
+    outputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # energy, forces, stress of the whole batch
 
 
 def _flat_inputs(spec: Mapping[str, List[str]], params, buffers, mb: AtomsBatch) -> List[Any]:
@@ -46,6 +52,45 @@ def _flat_inputs(spec: Mapping[str, List[str]], params, buffers, mb: AtomsBatch)
         + [buffers[n] for n in spec["buffer_names"]]
         + [getattr(mb, f) for f in spec["batch_fields"] + spec["target_fields"]]
     )
+
+
+def local_microbatches(batch: AtomsBatch, microbatches: int, dp_rank: int, dp: int, gp_rank: int, gp: int) -> List[AtomsBatch]:
+    """This rank's share of a global batch: replica ``dp_rank``'s ``microbatches``
+    micro-batches (of dp × microbatches in all, normalised by the whole batch), each cut
+    to the rank's edge shard."""
+    if dp * microbatches > batch.num_structures:
+        raise BatchError(
+            f"a batch of {batch.num_structures} structure(s) cannot feed data_parallel={dp} replicas x "
+            f"{microbatches} micro-batches (micro-batches hold whole structures): use batches of at least "
+            f"{dp * microbatches} structures, or fewer replicas or micro-batches"
+        )
+    mine = split_microbatches(batch, dp * microbatches)[dp_rank * microbatches : (dp_rank + 1) * microbatches]
+    return [edge_shard(mb, gp_rank, gp) for mb in mine] if gp > 1 else mine
+
+
+def _all_reduce_buckets(tensors: List[torch.Tensor], group, bucket_bytes: int = 25 * 2**20) -> List[torch.Tensor]:
+    """Sum ``tensors`` over ``group`` in flat buckets of about ``bucket_bytes``, all in
+    flight at once (few large messages instead of one per parameter)."""
+    buckets: List[List[int]] = [[]]
+    size = 0
+    for k, t in enumerate(tensors):
+        if buckets[-1] and size + t.numel() * t.element_size() > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(k)
+        size += t.numel() * t.element_size()
+    flats = [torch.cat([tensors[k].reshape(-1) for k in bucket]) for bucket in buckets if bucket]
+    works = [dist.all_reduce(flat, group=group, async_op=True) for flat in flats]
+    for w in works:
+        w.wait()
+    out: List[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for bucket, flat in zip(buckets, flats):
+        offset = 0
+        for k in bucket:
+            n = tensors[k].numel()
+            out[k] = flat[offset : offset + n].view_as(tensors[k])
+            offset += n
+    return out
 
 
 def _train_worker(
@@ -60,23 +105,31 @@ def _train_worker(
     """Runs in every worker process: the whole training loop for this rank.
 
     Returns the loss of every step, the time of every step (between barriers, so it is
-    the pipeline's step time), and the trace of the last step. With a checkpoint path,
-    rank 0 writes one after every epoch (every rank holds the same parameters and
-    optimizer state, so rank 0's copy is the whole model).
+    the pipeline's step time), the trace of the last step and, with ``return_grads``,
+    the gradients and the model outputs of the last step. With a checkpoint path, rank 0
+    writes one after every epoch (every rank holds the same parameters and optimizer
+    state, so rank 0's copy is the whole model).
     """
     import time
 
+    from .runtime.collectives import set_graph_parallel_group
+    from .runtime.mesh import init_parallel_mesh
     from .training import write_checkpoint
 
     graphs: StageGraphs = setup["graphs"]
     programs = ProgramSet.from_json(setup["programs"])
     joint = setup["joint"]
+    pp, dp, gp = setup["mesh"]
+    device = torch.device("cpu")
+    mesh = init_parallel_mesh(pp, dp, gp, device.type)
+    set_graph_parallel_group(mesh.gp_group)
     params = {k: v.clone().requires_grad_(False) for k, v in setup["params"].items()}
     buffers = setup["buffers"]
-    device = torch.device("cpu")
-    executor = RankExecutor(rank, graphs, programs.programs[rank], device)
+    executor = RankExecutor(mesh.pp_rank, graphs, programs.programs[mesh.pp_rank], device, peers=mesh.peers)
     param_names = list(params)
-    grad_args = graphs.output_args[1 + len(joint["output_names"]) :]
+    n_out = len(joint["output_names"])
+    output_args = graphs.output_args[1 : 1 + n_out]
+    grad_args = graphs.output_args[1 + n_out :]
     optimizer = torch.optim.Adam([params[n] for n in param_names], lr=lr) if lr > 0 else None
     if optimizer is not None and setup.get("optimizer_state") is not None:
         # Tensors handed to spawned workers live in shared memory: copy the state, or
@@ -88,11 +141,13 @@ def _train_worker(
     step_times: List[float] = []
     last_trace: List[Dict[str, Any]] = []
     last_grads: Dict[str, torch.Tensor] = {}
+    last_outputs: Dict[int, Dict[str, torch.Tensor]] = {}
     step = 0
     start_epoch = setup.get("start_epoch", 0)
+    m = setup["microbatches"]
     for epoch in range(start_epoch, epochs):
         for b, batch in enumerate(batches):
-            mbs = split_microbatches(batch, setup["microbatches"])
+            mbs = local_microbatches(batch, m, mesh.dp_rank, dp, mesh.gp_rank, gp)
             inputs = [_flat_inputs(joint, params, buffers, mb) for mb in mbs]
             sizes = [size_values_from_batch(mb) for mb in mbs]
             dist.barrier()
@@ -108,21 +163,24 @@ def _train_worker(
                 for n, arg in zip(param_names, grad_args):
                     if isinstance(arg, str) and arg in outs:
                         grads[n] += outs[arg]
-            # GradSync: each gradient was computed on one rank; the sum gives it to all.
-            flat = torch.cat([g.reshape(-1) for g in grads.values()] + [loss.to(grads[param_names[0]].dtype).reshape(1)])
-            dist.all_reduce(flat)
+            # GradSync over (pp, dp): each gradient was computed on one stage of every
+            # replica (and is already whole on every gp rank); the sum gives it to all.
+            reduced = [grads[n] for n in param_names] + [loss.to(grads[param_names[0]].dtype).reshape(1)]
+            if mesh.sync_group is not None:
+                reduced = _all_reduce_buckets(reduced, mesh.sync_group)
             step_times.append(time.perf_counter() - t0)
-            offset = 0
-            for n in param_names:
-                size = grads[n].numel()
-                grads[n] = flat[offset : offset + size].view_as(grads[n])
-                offset += size
-            losses.append(float(flat[-1]))
+            grads = dict(zip(param_names, reduced[:-1]))
+            losses.append(float(reduced[-1]))
             if optimizer is not None:
                 for n in param_names:
                     params[n].grad = grads[n]
                 optimizer.step()
             last_grads = grads
+            if last and return_grads and mesh.gp_rank == 0:
+                for k, outs in result.outputs.items():
+                    found = {name: outs[arg] for name, arg in zip(joint["output_names"], output_args) if isinstance(arg, str) and arg in outs}
+                    if found:
+                        last_outputs[mesh.dp_rank * m + k] = found
             step += 1
         if setup.get("checkpoint") and rank == 0 and optimizer is not None:
             write_checkpoint(setup["checkpoint"], {**params, **buffers}, optimizer.state_dict(), epoch)
@@ -131,7 +189,9 @@ def _train_worker(
         "step_times": step_times,
         "trace": last_trace,
         "grads": last_grads if return_grads else None,
+        "outputs": last_outputs if return_grads else None,
         "params": params if rank == 0 else None,
+        "coordinate": mesh.coordinate,
     }
 
 
@@ -152,6 +212,8 @@ class PipelineTrainer:
         microbatches: int = 2,
         schedule: str = "wavek",
         partition: Optional[str] = None,
+        data_parallel: int = 1,
+        graph_parallel: int = 1,
         timeout_s: float = 300.0,
         **options: Any,
     ) -> None:
@@ -163,11 +225,13 @@ class PipelineTrainer:
         self.model = model
         self.loss = loss if loss is not None else EnergyForceLoss()
         self.stages, self.chunks, self.microbatches, self.schedule = stages, chunks, microbatches, schedule
+        self.data_parallel, self.graph_parallel = data_parallel, graph_parallel
         self.timeout_s = timeout_s
-        example_mb = split_microbatches(example_batch, microbatches)[0]
+        example_mb = local_microbatches(example_batch, microbatches, 0, data_parallel, 0, 1)[0]
         self.compiled: CompiledMLIP = compile_model(
             model, example_mb, loss=self.loss, stages=stages, chunks=chunks, microbatches=microbatches,
-            schedule=schedule, partition=partition, **options,
+            schedule=schedule, partition=partition, data_parallel=data_parallel, graph_parallel=graph_parallel,
+            **options,
         )
         self.joint = self.compiled.joint_graph(example_mb)
         self.partition = self.compiled.partition(example_mb)
@@ -178,6 +242,27 @@ class PipelineTrainer:
         self.step_times: List[float] = []
         if self.dump_dir:
             self.dump_schedule(self.dump_dir)
+
+    @property
+    def world_size(self) -> int:
+        """Processes one run starts: stages × data_parallel × graph_parallel."""
+        return self.stages * self.data_parallel * self.graph_parallel
+
+    def check_batches(self, batches: Sequence[AtomsBatch]) -> None:
+        """Fail before starting processes if a rank's share of a batch is outside the
+        sizes the graphs were captured for (say, a one-structure micro-batch when the
+        example had several) or cannot be split as the mesh asks."""
+        for k, batch in enumerate(batches):
+            for d in range(self.data_parallel):
+                for g in range(self.graph_parallel):
+                    for mb in local_microbatches(batch, self.microbatches, d, self.data_parallel, g, self.graph_parallel):
+                        bad = self.joint.guards.violated(size_values_from_batch(mb))
+                        if bad:
+                            raise BatchError(
+                                f"batch {k}: a micro-batch of replica {d}, edge shard {g} has sizes "
+                                f"{size_values_from_batch(mb)}, outside what the graphs were captured for ({bad}); "
+                                "build the trainer from an example batch like the training batches"
+                            )
 
     def _setup(self) -> Dict[str, Any]:
         joint = self.joint
@@ -194,6 +279,7 @@ class PipelineTrainer:
             "params": {k: v.detach().clone() for k, v in self.model.named_parameters()},
             "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
             "microbatches": self.microbatches,
+            "mesh": (self.stages, self.data_parallel, self.graph_parallel),
         }
 
     def dump_schedule(self, dump_dir: str) -> None:
@@ -236,17 +322,29 @@ class PipelineTrainer:
         gantt_svg(measured, str(root / "gantt_measured.svg"), title=f"{self.schedule} (measured, last step)")
 
     def _launch(self, batches: Sequence[AtomsBatch], epochs: int, lr: float, return_grads: bool, **setup: Any) -> List[Dict[str, Any]]:
+        self.check_batches(batches)
         args = ({**self._setup(), **setup}, list(batches), epochs, lr, return_grads)
-        results = launch_local(_train_worker, self.stages, args, timeout_s=self.timeout_s)
+        results = launch_local(_train_worker, self.world_size, args, timeout_s=self.timeout_s)
         self.step_times = [max(r["step_times"][k] for r in results) for k in range(len(results[0]["step_times"]))]
         if self.dump_dir:
-            self._dump_measured(results)
+            # the pipeline of replica 0, edge shard 0: one rank per stage
+            self._dump_measured([r for r in results if tuple(r["coordinate"][1:]) == (0, 0)])
         return results
 
     def gradients(self, batch: AtomsBatch) -> StepOutput:
-        """Loss and parameter gradients of one pipelined step (no update)."""
+        """Loss, parameter gradients and model outputs (energy, forces, stress of the
+        whole batch) of one distributed step, without an update."""
         results = self._launch([batch], 1, 0.0, True)
-        return StepOutput(results[0]["losses"][0], results[0]["grads"])
+        per_mb: Dict[int, Dict[str, torch.Tensor]] = {}
+        for r in results:
+            for mb, found in (r["outputs"] or {}).items():
+                per_mb.setdefault(mb, {}).update(found)
+        outputs = {
+            name: torch.cat([per_mb[mb][name] for mb in sorted(per_mb)])
+            for name in self.joint.output_names
+            if per_mb and all(name in per_mb[mb] for mb in per_mb)
+        }
+        return StepOutput(results[0]["losses"][0], results[0]["grads"], outputs)
 
     def train(
         self,

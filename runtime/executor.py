@@ -110,8 +110,15 @@ def _fault_injection(rank: int, step: int) -> Optional[int]:
 
 
 class RankExecutor:
-    def __init__(self, rank: int, graphs: StageGraphs, program: RankProgram, device: torch.device) -> None:
+    """Runs pipeline stage ``rank``'s program. ``peers[q]`` is the world rank of pipeline
+    stage q in this process's (dp, gp) slice of the mesh (default: q itself)."""
+
+    def __init__(
+        self, rank: int, graphs: StageGraphs, program: RankProgram, device: torch.device, peers: Optional[Sequence[int]] = None
+    ) -> None:
         self.rank = rank
+        self.peers = list(peers) if peers is not None else None
+        self.world_rank = self.peers[rank] if self.peers is not None else rank
         self.graphs = graphs
         self.program = program
         self.device = device
@@ -141,7 +148,7 @@ class RankExecutor:
         pending: List[Any] = []
         events: List[Dict[str, Any]] = []
         t0 = time.perf_counter()
-        fault_at = _fault_injection(self.rank, step)
+        fault_at = _fault_injection(self.world_rank, step)
         for k, action in enumerate(self.program.actions):
             if fault_at == k:
                 import os
@@ -160,7 +167,7 @@ class RankExecutor:
                 for t in action.tensors:
                     tag = channel_tag.get((self.rank, action.dst), 0)
                     channel_tag[(self.rank, action.dst)] = tag + 1
-                    pending.append(dist.isend(env[t].contiguous(), dst=action.dst, tag=tag))
+                    pending.append(dist.isend(env[t].contiguous(), dst=self._world(action.dst), tag=tag))
                 name = f"send {action.phase}{action.chunk} mb{action.mb} -> {action.dst}"
             elif isinstance(action, Recv):
                 env = envs[action.mb]
@@ -169,14 +176,14 @@ class RankExecutor:
                     tag = channel_tag.get((action.src, self.rank), 0)
                     channel_tag[(action.src, self.rank)] = tag + 1
                     buf = self.graphs.specs[t].materialise(microbatch_sizes[action.mb], self.device)
-                    works.append(dist.irecv(buf, src=action.src, tag=tag))
+                    works.append(dist.irecv(buf, src=self._world(action.src), tag=tag))
                     env[t] = buf
                 try:
                     for w in works:
                         w.wait()
                 except RuntimeError as exc:
                     raise RankLostError(
-                        f"rank {self.rank} lost rank {action.src} while receiving {list(action.tensors)} for "
+                        f"rank {self.world_rank} lost rank {self._world(action.src)} while receiving {list(action.tensors)} for "
                         f"{action.phase}{action.chunk} micro-batch {action.mb}: {exc}"
                     ) from exc
                 name = f"recv {action.phase}{action.chunk} mb{action.mb} <- {action.src}"
@@ -194,8 +201,11 @@ class RankExecutor:
             for w in pending:
                 w.wait()
         except RuntimeError as exc:
-            raise RankLostError(f"rank {self.rank}: a send did not complete (peer lost or timed out): {exc}") from exc
+            raise RankLostError(f"rank {self.world_rank}: a send did not complete (peer lost or timed out): {exc}") from exc
         return self._collect(envs, events)
+
+    def _world(self, pipeline_rank: int) -> int:
+        return self.peers[pipeline_rank] if self.peers is not None else pipeline_rank
 
     def _free(self, envs, action, k: int) -> None:
         mb = getattr(action, "mb", None)

@@ -17,6 +17,7 @@ Conventions (see `batch.py` for shapes):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Sequence, Union
 
@@ -307,3 +308,22 @@ def concat_batches(batches: Sequence[AtomsBatch]) -> AtomsBatch:
             continue  # the normalisers of micro-batches describe the whole: drop them
         out[name] = torch.cat([getattr(b, name) for b in batches])
     return AtomsBatch(**out)
+
+
+def edge_shard(batch: AtomsBatch, shard: int, num_shards: int) -> AtomsBatch:
+    """The batch with only its ``shard``-th contiguous slice of the edges (graph parallelism).
+
+    Atoms, cells and labels are kept whole (atoms are replicated across gp ranks); the
+    edges are split into ``num_shards`` slices whose sizes differ by at most one, so every
+    gp rank does the same share of the per-edge work.
+    """
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"edge shard {shard} does not exist for {num_shards} shard(s)")
+    num_edges = batch.num_edges
+    if num_edges < num_shards:
+        raise BatchError(
+            f"a micro-batch with {num_edges} edge(s) cannot be shared by {num_shards} graph-parallel ranks; "
+            "use bigger micro-batches (more or larger structures, or fewer micro-batches) or a smaller graph_parallel"
+        )
+    lo, hi = shard * num_edges // num_shards, (shard + 1) * num_edges // num_shards
+    return dataclasses.replace(batch, edge_index=batch.edge_index[:, lo:hi], shifts=batch.shifts[lo:hi])
