@@ -1,4 +1,4 @@
-"""``januspipe`` command line: demo, train, inspect, bench."""
+"""``januspipe`` command line: demo, train, inspect, bench, gp-bench."""
 from __future__ import annotations
 
 import argparse
@@ -47,12 +47,14 @@ def _pipeline_train_and_report(args, structures) -> int:
     loss = EnergyForceLoss(energy_weight=1.0, force_weight=args.force_weight, stress_weight=args.stress_weight)
     print(
         f"{args.model}: {sum(p.numel() for p in model.parameters())} parameters, {len(structures)} structures in "
-        f"{len(batches)} batches; pipeline: {args.stages} processes, schedule {args.schedule}, "
-        f"{args.chunks} chunk(s) per stage, {args.microbatches} micro-batches"
+        f"{len(batches)} batches; mesh (pp, dp, gp) = ({args.stages}, {args.data_parallel}, {args.graph_parallel}) "
+        f"= {args.stages * args.data_parallel * args.graph_parallel} processes, schedule {args.schedule}, "
+        f"{args.chunks} chunk(s) per stage, {args.microbatches} micro-batches per replica"
     )
     trainer = PipelineTrainer(
         model, batches[0], loss=loss, stages=args.stages, chunks=args.chunks, microbatches=args.microbatches,
-        schedule=args.schedule, dump_dir=args.dump_dir,
+        schedule=args.schedule, data_parallel=args.data_parallel, graph_parallel=args.graph_parallel,
+        dump_dir=args.dump_dir,
     )
     part = trainer.partition
     print(f"partition ({part.method}): max/mean rank time {part.imbalance():.3f}; simulated bubble "
@@ -80,7 +82,7 @@ def _pipeline_train_and_report(args, structures) -> int:
 
 
 def _train_and_report(args, structures) -> int:
-    if getattr(args, "stages", 1) > 1:
+    if max(getattr(args, "stages", 1), getattr(args, "data_parallel", 1), getattr(args, "graph_parallel", 1)) > 1:
         return _pipeline_train_and_report(args, structures)
     import janus_compile
 
@@ -141,6 +143,12 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_gp_bench(args) -> int:
+    from .bench_gp import main as gp_bench_main
+
+    return gp_bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="januspipe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what every pass does")
@@ -155,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", default=None, help="write an (atomic) checkpoint here after each epoch")
         p.add_argument("--stages", type=int, default=1, help="pipeline stages = local processes (1: single process)")
         p.add_argument("--chunks", type=int, default=1, help="chunks per stage (K)")
-        p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch (M)")
+        p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch and replica (M)")
+        p.add_argument("--data-parallel", type=int, default=1, help="data-parallel replicas (dp)")
+        p.add_argument("--graph-parallel", type=int, default=1, help="ranks sharing every micro-batch's edges (gp)")
         p.add_argument("--schedule", default="wavek", choices=["wavek", "1f1b", "hanayo", "gpipe"])
 
     demo = sub.add_parser("demo", help="pipeline-train a reference model on built-in EMT data (4 local processes, WaveK)")
@@ -183,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     add_bench_args(bench)
     bench.set_defaults(layers=4, func=cmd_bench)
+
+    from .bench_gp import add_gp_bench_args
+
+    gpb = sub.add_parser("gp-bench", help="graph parallelism on one large structure: step time and peak memory per gp size")
+    _add_model_args(gpb)
+    add_gp_bench_args(gpb)
+    gpb.set_defaults(layers=2, cutoff=5.0, func=cmd_gp_bench)
     return parser
 
 

@@ -111,8 +111,12 @@ class CompiledMLIP(nn.Module):
         )
 
     def partition(self, batch: AtomsBatch):
-        """The partition (units → chunks, split graphs) used for this batch's sizes."""
-        return self._partitions[id(self.joint_graph(batch))]
+        """The partition (units → chunks, split graphs) used for this batch's sizes (made
+        now if the options did not need one, e.g. a one-process run of the trainer)."""
+        graph = self.joint_graph(batch)
+        if id(graph) not in self._partitions:
+            self._partitions[id(graph)] = self._partition(graph, batch)
+        return self._partitions[id(graph)]
 
     # -- running -------------------------------------------------------------------------
     def forward(self, batch: AtomsBatch) -> Dict[str, torch.Tensor]:

@@ -68,31 +68,6 @@ def local_microbatches(batch: AtomsBatch, microbatches: int, dp_rank: int, dp: i
     return [edge_shard(mb, gp_rank, gp) for mb in mine] if gp > 1 else mine
 
 
-def _all_reduce_buckets(tensors: List[torch.Tensor], group, bucket_bytes: int = 25 * 2**20) -> List[torch.Tensor]:
-    """Sum ``tensors`` over ``group`` in flat buckets of about ``bucket_bytes``, all in
-    flight at once (few large messages instead of one per parameter)."""
-    buckets: List[List[int]] = [[]]
-    size = 0
-    for k, t in enumerate(tensors):
-        if buckets[-1] and size + t.numel() * t.element_size() > bucket_bytes:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(k)
-        size += t.numel() * t.element_size()
-    flats = [torch.cat([tensors[k].reshape(-1) for k in bucket]) for bucket in buckets if bucket]
-    works = [dist.all_reduce(flat, group=group, async_op=True) for flat in flats]
-    for w in works:
-        w.wait()
-    out: List[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for bucket, flat in zip(buckets, flats):
-        offset = 0
-        for k in bucket:
-            n = tensors[k].numel()
-            out[k] = flat[offset : offset + n].view_as(tensors[k])
-            offset += n
-    return out
-
-
 def _train_worker(
     rank: int,
     world: int,
@@ -113,6 +88,7 @@ def _train_worker(
     import time
 
     from .runtime.collectives import set_graph_parallel_group
+    from .runtime.gradsync import OverlappedGradSync, gradient_ready_at
     from .runtime.mesh import init_parallel_mesh
     from .training import write_checkpoint
 
@@ -130,6 +106,10 @@ def _train_worker(
     n_out = len(joint["output_names"])
     output_args = graphs.output_args[1 : 1 + n_out]
     grad_args = graphs.output_args[1 + n_out :]
+    program = programs.programs[mesh.pp_rank]
+    sync = OverlappedGradSync(
+        [params[n] for n in param_names], list(grad_args), gradient_ready_at(program, graphs.outputs, grad_args), mesh.sync_group
+    )
     optimizer = torch.optim.Adam([params[n] for n in param_names], lr=lr) if lr > 0 else None
     if optimizer is not None and setup.get("optimizer_state") is not None:
         # Tensors handed to spawned workers live in shared memory: copy the state, or
@@ -153,24 +133,20 @@ def _train_worker(
             dist.barrier()
             t0 = time.perf_counter()
             last = epoch == epochs - 1 and b == len(batches) - 1
-            result = executor.run(inputs, sizes, trace=last, step=step)
+            # GradSync over (pp, dp): each gradient is computed on one stage of every
+            # replica (and is already whole on every gp rank); the sum gives it to all.
+            # Buckets are reduced while the rest of the backward runs.
+            sync.start()
+            result = executor.run(inputs, sizes, trace=last, step=step, on_compute=sync.on_compute)
             last_trace = result.trace or last_trace
             loss = torch.zeros((), dtype=torch.float64)
-            grads = {n: torch.zeros_like(params[n]) for n in param_names}
             for outs in result.outputs.values():
                 if graphs.output_args[0] in outs:
                     loss = loss + outs[graphs.output_args[0]].double()
-                for n, arg in zip(param_names, grad_args):
-                    if isinstance(arg, str) and arg in outs:
-                        grads[n] += outs[arg]
-            # GradSync over (pp, dp): each gradient was computed on one stage of every
-            # replica (and is already whole on every gp rank); the sum gives it to all.
-            reduced = [grads[n] for n in param_names] + [loss.to(grads[param_names[0]].dtype).reshape(1)]
-            if mesh.sync_group is not None:
-                reduced = _all_reduce_buckets(reduced, mesh.sync_group)
+            reduced, step_loss = sync.finish(loss)
             step_times.append(time.perf_counter() - t0)
-            grads = dict(zip(param_names, reduced[:-1]))
-            losses.append(float(reduced[-1]))
+            grads = dict(zip(param_names, reduced))
+            losses.append(step_loss)
             if optimizer is not None:
                 for n in param_names:
                     params[n].grad = grads[n]
@@ -192,6 +168,8 @@ def _train_worker(
         "outputs": last_outputs if return_grads else None,
         "params": params if rank == 0 else None,
         "coordinate": mesh.coordinate,
+        "grad_sync": [{"bucket": e["bucket"], "after_action": e["after_action"]} for e in sync.launched],
+        "program_length": len(program.actions),
     }
 
 

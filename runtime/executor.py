@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import sympy
 import torch
@@ -140,9 +140,12 @@ class RankExecutor:
         microbatch_sizes: Sequence[Mapping[str, int]],
         trace: bool = False,
         step: int = 0,
+        on_compute: Optional[Callable[[int, Dict[str, Any]], None]] = None,
     ) -> StepResult:
         """Execute the program once. ``microbatch_inputs[m]`` are the joint graph's flat
-        inputs for micro-batch m (parameters, buffers, batch fields, targets)."""
+        inputs for micro-batch m (parameters, buffers, batch fields, targets).
+        ``on_compute(k, outputs)`` is called after compute action k with what it produced
+        (the gradient sync uses it to start reducing gradients that are final)."""
         envs: List[Dict[str, Any]] = [dict(zip(self.graphs.input_names, flat)) for flat in microbatch_inputs]
         channel_tag: Dict[Tuple[int, int], int] = {}
         pending: List[Any] = []
@@ -161,6 +164,8 @@ class RankExecutor:
                 args = [env[name] for name in self.graphs.inputs[key]]
                 outs = self.graphs.groups[key](*args)
                 env.update(zip(self.graphs.outputs[key], outs))
+                if on_compute is not None:
+                    on_compute(k, dict(zip(self.graphs.outputs[key], outs)))
                 name = f"{action.phase}{action.chunk} mb{action.mb}"
             elif isinstance(action, Send):
                 env = envs[action.mb]

@@ -73,5 +73,7 @@ def init_parallel_mesh(pp: int, dp: int, gp: int, device_type: str = "cpu") -> P
     gp_group = mesh.get_group("gp") if gp > 1 else None
     sync_group = None
     if pp * dp > 1:
-        sync_group = mesh["pp", "dp"]._flatten("pp_dp").get_group() if gp > 1 else dist.group.WORLD
+        # its own communicator even when it spans the world: its async all-reduces then
+        # never share one with the pipeline's point-to-point messages
+        sync_group = mesh["pp", "dp"]._flatten("pp_dp").get_group()
     return ParallelMesh((pp, dp, gp), (p, d, g), peers, gp_group, sync_group)
