@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .runtime.launch import torchrun_world
+
+    launched = torchrun_world()
+    if launched is not None and launched[0] != 0:
+        # under torchrun every rank runs this command; rank 0 alone reports
+        import os
+
+        sys.stdout = open(os.devnull, "w")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import JanusError
 

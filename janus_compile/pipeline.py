@@ -30,7 +30,7 @@ from .data.collate import edge_shard, split_microbatches
 from .losses import EnergyForceLoss
 from .options import JanusOptions
 from .runtime.executor import RankExecutor, StageGraphs
-from .runtime.launch import launch_local
+from .runtime.launch import init_from_env, launch_local, torchrun_world
 from .runtime.program import ProgramSet
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,18 @@ def _train_worker(
 
 
 class PipelineTrainer:
-    """Pipeline-parallel training of a conservative MLIP on P local processes.
+    """Training of a conservative MLIP on a (pp, dp, gp) mesh of processes.
 
     ``schedule``: "wavek" (ours), "1f1b" (unfolded partition, the classic baseline),
     "hanayo" (wave, 2 chunks per rank), "gpipe".
+
+    Started normally, the trainer spawns ``world_size`` local processes for every
+    `train` / `gradients` call. Started by ``torchrun`` (one process per rank, on one or
+    many nodes), every process builds the trainer and calls `train` in lock step: rank
+    0 compiles, partitions and schedules, and broadcasts the result, so every rank runs
+    the same graphs and programs (a partition computed on each rank could differ, as
+    it is calibrated with measured times); `train` then runs this rank's share in this
+    process. Results (losses, trained weights, gradients) are the same on every rank.
     """
 
     def __init__(
@@ -195,8 +203,6 @@ class PipelineTrainer:
         timeout_s: float = 300.0,
         **options: Any,
     ) -> None:
-        from .passes.wavek import PipelineDAG, make_programs
-
         partition = partition or PARTITION_OF_SCHEDULE.get(schedule, "symfold")
         if schedule == "hanayo" and chunks == 1:
             chunks = 2  # Hanayo is a wave schedule: two chunks per rank
@@ -205,21 +211,72 @@ class PipelineTrainer:
         self.stages, self.chunks, self.microbatches, self.schedule = stages, chunks, microbatches, schedule
         self.data_parallel, self.graph_parallel = data_parallel, graph_parallel
         self.timeout_s = timeout_s
-        example_mb = local_microbatches(example_batch, microbatches, 0, data_parallel, 0, 1)[0]
-        self.compiled: CompiledMLIP = compile_model(
-            model, example_mb, loss=self.loss, stages=stages, chunks=chunks, microbatches=microbatches,
-            schedule=schedule, partition=partition, data_parallel=data_parallel, graph_parallel=graph_parallel,
-            **options,
+        self.step_times: List[float] = []
+        self.torchrun = torchrun_world()
+        if self.torchrun is not None:
+            init_from_env(timeout_s)
+            if dist.get_world_size() != self.world_size:
+                raise ValueError(
+                    f"torchrun started {dist.get_world_size()} processes but the mesh (pp, dp, gp) = "
+                    f"({stages}, {data_parallel}, {graph_parallel}) needs {self.world_size}: set --nproc-per-node "
+                    "(times --nnodes) to stages x data_parallel x graph_parallel"
+                )
+        # Built on rank 0 only under torchrun (None elsewhere): the compiled model and plan.
+        self.compiled: Optional[CompiledMLIP] = None
+        self.joint = self.partition = self.dag = None
+        shared: Optional[Dict[str, Any]] = None
+        try:
+            if self.torchrun is None or self.torchrun[0] == 0:
+                shared = self._plan(model, example_batch, partition, options)
+        except Exception as exc:
+            if self.torchrun is None:
+                raise
+            shared = {"error": f"{type(exc).__name__}: {exc}"}  # tell the other ranks, then fail too
+            dist.broadcast_object_list([shared], src=0)
+            raise
+        if self.torchrun is not None:
+            box = [shared]
+            dist.broadcast_object_list(box, src=0)
+            shared = box[0]
+            if "error" in shared:
+                raise RuntimeError(f"rank 0 could not build the training plan: {shared['error']}")
+        self.graphs: StageGraphs = shared["graphs"]
+        self.programs: ProgramSet = ProgramSet.from_json(shared["programs"])
+        self.guards = shared["guards"]
+        self.joint_meta: Dict[str, List[str]] = shared["joint"]
+        self.dump_dir = shared["dump_dir"]
+        if self.dump_dir and self.dag is not None:
+            self.dump_schedule(self.dump_dir)
+
+    def _plan(self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+        """Compile, partition and schedule (sets .compiled, .joint, .partition, .dag); what
+        every rank needs to run, as one picklable dict."""
+        from .passes.wavek import PipelineDAG, make_programs
+
+        microbatches, schedule = self.microbatches, self.schedule
+        example_mb = local_microbatches(example_batch, microbatches, 0, self.data_parallel, 0, 1)[0]
+        self.compiled = compile_model(
+            model, example_mb, loss=self.loss, stages=self.stages, chunks=self.chunks, microbatches=microbatches,
+            schedule=schedule, partition=partition, data_parallel=self.data_parallel,
+            graph_parallel=self.graph_parallel, **options,
         )
         self.joint = self.compiled.joint_graph(example_mb)
         self.partition = self.compiled.partition(example_mb)
         self.dag = PipelineDAG.from_partition(self.partition, microbatches)
-        self.programs: ProgramSet = make_programs(self.dag, schedule)  # validated: deadlock-free
-        self.graphs = StageGraphs.from_plan(self.partition.plan)
-        self.dump_dir = self.compiled.options.dump_dir
-        self.step_times: List[float] = []
-        if self.dump_dir:
-            self.dump_schedule(self.dump_dir)
+        programs = make_programs(self.dag, schedule)  # validated: deadlock-free
+        return {
+            "graphs": StageGraphs.from_plan(self.partition.plan),
+            "programs": programs.to_json(),
+            "guards": self.joint.guards,
+            "joint": {
+                "param_names": self.joint.param_names,
+                "buffer_names": self.joint.buffer_names,
+                "batch_fields": self.joint.batch_fields,
+                "target_fields": self.joint.target_fields,
+                "output_names": self.joint.output_names,
+            },
+            "dump_dir": self.compiled.options.dump_dir,
+        }
 
     @property
     def world_size(self) -> int:
@@ -234,7 +291,7 @@ class PipelineTrainer:
             for d in range(self.data_parallel):
                 for g in range(self.graph_parallel):
                     for mb in local_microbatches(batch, self.microbatches, d, self.data_parallel, g, self.graph_parallel):
-                        bad = self.joint.guards.violated(size_values_from_batch(mb))
+                        bad = self.guards.violated(size_values_from_batch(mb))
                         if bad:
                             raise BatchError(
                                 f"batch {k}: a micro-batch of replica {d}, edge shard {g} has sizes "
@@ -243,17 +300,10 @@ class PipelineTrainer:
                             )
 
     def _setup(self) -> Dict[str, Any]:
-        joint = self.joint
         return {
             "graphs": self.graphs,
             "programs": self.programs.to_json(),
-            "joint": {
-                "param_names": joint.param_names,
-                "buffer_names": joint.buffer_names,
-                "batch_fields": joint.batch_fields,
-                "target_fields": joint.target_fields,
-                "output_names": joint.output_names,
-            },
+            "joint": self.joint_meta,
             "params": {k: v.detach().clone() for k, v in self.model.named_parameters()},
             "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
             "microbatches": self.microbatches,
@@ -302,9 +352,19 @@ class PipelineTrainer:
     def _launch(self, batches: Sequence[AtomsBatch], epochs: int, lr: float, return_grads: bool, **setup: Any) -> List[Dict[str, Any]]:
         self.check_batches(batches)
         args = ({**self._setup(), **setup}, list(batches), epochs, lr, return_grads)
-        results = launch_local(_train_worker, self.world_size, args, timeout_s=self.timeout_s)
+        if self.torchrun is not None:
+            # this process is one rank: start from rank 0's weights, run this rank's
+            # share here, then share the results
+            for t in list(args[0]["params"].values()) + list(args[0]["buffers"].values()):
+                dist.broadcast(t, src=0)
+            rank, world = self.torchrun
+            mine = _train_worker(rank, world, *args)
+            results: List[Any] = [None] * world
+            dist.all_gather_object(results, mine)
+        else:
+            results = launch_local(_train_worker, self.world_size, args, timeout_s=self.timeout_s)
         self.step_times = [max(r["step_times"][k] for r in results) for k in range(len(results[0]["step_times"]))]
-        if self.dump_dir:
+        if self.dump_dir and (self.torchrun is None or self.torchrun[0] == 0):
             # the pipeline of replica 0, edge shard 0: one rank per stage
             self._dump_measured([r for r in results if tuple(r["coordinate"][1:]) == (0, 0)])
         return results
@@ -319,7 +379,7 @@ class PipelineTrainer:
                 per_mb.setdefault(mb, {}).update(found)
         outputs = {
             name: torch.cat([per_mb[mb][name] for mb in sorted(per_mb)])
-            for name in self.joint.output_names
+            for name in self.joint_meta["output_names"]
             if per_mb and all(name in per_mb[mb] for mb in per_mb)
         }
         return StepOutput(results[0]["losses"][0], results[0]["grads"], outputs)

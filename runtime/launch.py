@@ -44,6 +44,24 @@ def init_process_group(rank: int, world_size: int, port: int, timeout_s: float, 
     )
 
 
+def torchrun_world() -> Optional[tuple]:
+    """(rank, world size) when this process was started by torchrun (or any launcher that
+    sets RANK, WORLD_SIZE and MASTER_ADDR for an ``env://`` rendezvous), else None."""
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def init_from_env(timeout_s: float, backend: Optional[str] = None) -> None:
+    """Join the process group torchrun set up (no-op if this process already has one)."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple, out_dir: str) -> None:
     torch.set_num_threads(1)
     path = Path(out_dir) / f"rank{rank}.pt"

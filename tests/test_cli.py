@@ -76,3 +76,30 @@ def test_pipelined_train_checkpoint_and_resume(tmp_path, capsys):
     assert "\n    2 " in out and "\n    1 " not in out, out
     eager = build_model("schnet", hidden=8, num_interactions=2, cutoff=4.5)
     assert load_checkpoint(ckpt, eager) == 2
+
+
+@pytest.mark.distributed
+def test_train_on_a_data_and_graph_parallel_mesh(tmp_path, capsys):
+    """`train --data-parallel 2 --graph-parallel 2`: 4 processes, loss goes down."""
+    data = tmp_path / "train.extxyz"
+    write_extxyz(data, emt_dataset("cu", num_structures=4, seed=6, size=8, cache_dir=tmp_path))
+    args = [str(data), "--stages", "1", "--microbatches", "1", "--data-parallel", "2", "--graph-parallel", "2",
+            "--hidden", "8", "--layers", "1", "--batch-size", "4", "--epochs", "3", "--lr", "1e-2"]
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    assert "(pp, dp, gp) = (1, 2, 2) = 4 processes" in out and "loss went down" in out, out
+
+
+@pytest.mark.distributed
+def test_gp_bench_reports_memory_per_gp_size(tmp_path, capsys):
+    out_json = tmp_path / "gp.json"
+    args = ["gp-bench", "--atoms", "100", "--graph-parallel", "1,2", "--steps", "1", "--hidden", "8", "--layers", "1", "--json", str(out_json)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and "edges/rank" in out, out
+    import json
+
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["gp"] for r in rows] == [1, 2]
+    assert rows[1]["edges_per_rank"] * 2 in (rows[0]["edges_per_rank"], rows[0]["edges_per_rank"] + 1)
+    assert rows[1]["est_edge_mb"] < 0.6 * rows[0]["est_edge_mb"]
