@@ -73,6 +73,9 @@ class BenchConfig:
     sim_factors: List[int] = field(default_factory=lambda: [1, 2, 4])  # M = factor × P
     sim_chunks: List[int] = field(default_factory=lambda: [1, 2])  # K tried for wavek (best kept)
     sim_ilp_time_s: float = 5.0
+    # WaveK's memory limit in the simulator: "1f1b" = the peak stash 1F1B itself uses
+    # (equal memory; caps P..2P searched), "count" = at most P micro-batches in flight
+    wavek_memory: str = "1f1b"
     sim_bandwidth_gbs: float = 25.0
     sim_latency_us: float = 20.0
     timeout_s: float = 600.0
@@ -413,11 +416,14 @@ def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[A
     return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0)
 
 
-def _sim_schedules(dag_of: Dict[Tuple[str, int], Any], schedules: Sequence[str], sim_chunks: Sequence[int]) -> Dict[str, Any]:
+def _sim_schedules(
+    dag_of: Dict[Tuple[str, int], Any], schedules: Sequence[str], sim_chunks: Sequence[int], wavek_memory: str = "1f1b"
+) -> Dict[str, Any]:
     from .passes.wavek import make_programs
 
     res: Dict[str, Any] = {}
-    for sched in schedules:
+    # 1F1B first: with wavek_memory="1f1b" its peak stash is WaveK's memory budget
+    for sched in sorted(schedules, key=lambda s: s != "1f1b"):
         if sched == "1f1b":
             keys = [("unfolded", 1)]
         elif sched == "hanayo":
@@ -431,8 +437,15 @@ def _sim_schedules(dag_of: Dict[Tuple[str, int], Any], schedules: Sequence[str],
             dag = dag_of.get(key)
             if dag is None:
                 continue
-            sim = make_programs(dag, sched).meta["simulated"]
-            cand = {"chunks": key[1], "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"], "bubble_fraction": sim["bubble_fraction"], "peak_in_flight": max(sim["peak_in_flight"])}
+            kw: Dict[str, Any] = {}
+            if sched == "wavek" and wavek_memory == "1f1b" and "1f1b" in res:
+                kw["stash_budget_bytes"] = res["1f1b"]["peak_stash_bytes"]
+            sim = make_programs(dag, sched, **kw).meta["simulated"]
+            cand = {
+                "chunks": key[1], "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"],
+                "bubble_fraction": sim["bubble_fraction"], "peak_in_flight": max(sim["peak_in_flight"]),
+                "peak_stash_bytes": max(sim["peak_stash_bytes"], default=0.0),
+            }
             if best is None or cand["makespan_s"] < best["makespan_s"]:
                 best = cand
         if best is not None:
@@ -494,7 +507,7 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
             for f in cfg.sim_factors:
                 M = f * P
                 dags = {k: PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency) for k, p in parts.items()}
-                res = _sim_schedules(dags, cfg.schedules, cfg.sim_chunks)
+                res = _sim_schedules(dags, cfg.schedules, cfg.sim_chunks, cfg.wavek_memory)
                 thr = {s: M * S / r["makespan_s"] for s, r in res.items()}
                 row = {
                     "model": name,
@@ -715,6 +728,7 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_ilp_time_s=args.sim_ilp_time,
         sim_bandwidth_gbs=args.sim_bandwidth,
         sim_latency_us=args.sim_latency_us,
+        wavek_memory=args.wavek_memory,
         dump_dir=args.dump_dir,
     )
 
@@ -741,6 +755,10 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--sim-ilp-time", type=float, default=5.0, help="ILP time limit per solve in the simulation (s)")
     p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
     p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")
+    p.add_argument(
+        "--wavek-memory", choices=["1f1b", "count"], default="1f1b",
+        help="simulated WaveK's memory limit: 1F1B's own peak stash (equal memory, default) or at most P micro-batches in flight",
+    )
 
 
 def main(args: Any) -> int:

@@ -634,37 +634,67 @@ def wavek_search(
     max_in_flight: Optional[int] = None,
     rules: Sequence[str] = RULES,
     caps: Optional[Sequence[int]] = None,
+    stash_budget_bytes: Optional[float] = None,
 ) -> SearchResult:
-    """WaveK's search: each priority rule × in-flight cap (≤ ``max_in_flight``, default P)
-    is list-scheduled on the real costs, its programs simulated, and the shortest
-    makespan kept (the first candidate wins ties: deterministic).
+    """WaveK's search: each priority rule × in-flight cap is list-scheduled on the real
+    costs, its programs simulated, and the shortest makespan kept (the first candidate
+    wins ties: deterministic).
 
-    The baselines' orders that respect the cap (the phase-agnostic wave order, GPipe's when
-    M ≤ cap) are candidates too, so WaveK is never worse than them in the simulator.
+    The limit is memory. By default it is a count: at most ``max_in_flight`` (default P)
+    micro-batches in flight per rank. With ``stash_budget_bytes`` it is what a count
+    stands for: caps from P up to 2P are tried and a candidate is kept only if its
+    simulated peak stash (saved activations alive at once, on the worst rank) fits the
+    budget; if none does, the search falls back to the count limit P. A budget equal to
+    1F1B's own peak stash compares the two at equal memory: 1F1B keeps P, P−1, …, 1
+    micro-batches in flight on its ranks, so a fixed cap of P leaves WaveK's ranks with
+    less than the budget the baseline uses on its first rank.
+
+    The baselines' orders that respect the limit (the phase-agnostic wave order, GPipe's
+    when M ≤ cap) are candidates too, so WaveK is never worse than them in the simulator.
     """
-    top = max_in_flight or dag.stages
-    caps = list(caps) if caps is not None else [top]
+    P, M = dag.stages, dag.microbatches
+    if stash_budget_bytes is not None:
+        top = max_in_flight or min(M, 2 * P)
+        caps = list(caps) if caps is not None else sorted({c for c in (P, (5 * P) // 4, (3 * P) // 2, 2 * P) if c <= top} | {min(P, top)})
+    else:
+        top = max_in_flight or P
+        caps = list(caps) if caps is not None else [top]
     if any(c > top or c < 1 for c in caps):
         raise ValueError(f"caps {caps} must lie in 1..max_in_flight={top}")
     candidates: List[Tuple[str, int, Callable[[], Orders]]] = [
         (rule, cap, (lambda rule=rule, cap=cap: list_schedule(dag, dag.cost, rule, cap))) for rule in rules for cap in caps
     ]
     if dag.layout == "folded":
-        candidates.append(("phase_agnostic", top, lambda: hanayo(dag, top)))
-    if dag.microbatches <= top:
+        candidates.append(("phase_agnostic", min(P, top), lambda: hanayo(dag, min(P, top))))
+    if M <= top:
         candidates.append(("gpipe", top, lambda: gpipe(dag)))
     best: Optional[SearchResult] = None
+    fallback: Optional[SearchResult] = None
     tried: List[Tuple[str, int, float]] = []
     for rule, cap, make in candidates:
         orders = make()
-        if max(in_flight(orders).values(), default=0) > top:
+        peak = max(in_flight(orders).values(), default=0)
+        if peak > top:
             continue
-        ms = evaluate_orders(dag, orders)
+        if stash_budget_bytes is None:
+            ms = evaluate_orders(dag, orders)
+        else:
+            sim = simulate(build_programs(dag, orders, "wavek"), dag)
+            ms = sim.makespan
+            if peak <= P and (fallback is None or ms < fallback.makespan * (1 - 1e-9)):
+                fallback = SearchResult(orders, rule, cap, ms, tried)
+            if max(sim.peak_stash_bytes, default=0.0) > stash_budget_bytes * (1 + 1e-9):
+                log.debug("wavek candidate %s cap=%d: stash %.3g B over budget %.3g B", rule, cap, max(sim.peak_stash_bytes), stash_budget_bytes)
+                continue
         tried.append((rule, cap, ms))
         log.debug("wavek candidate %s cap=%d: makespan %.6g", rule, cap, ms)
         if best is None or ms < best.makespan * (1 - 1e-9):
             best = SearchResult(orders, rule, cap, ms, tried)
-    assert best is not None
+    if best is None:
+        if fallback is None:
+            raise ScheduleError("wavek: no candidate schedule within the in-flight limit")
+        log.warning("wavek: no schedule fits the stash budget of %.3g bytes; using the in-flight cap P=%d", stash_budget_bytes, P)
+        best = fallback
     log.info("wavek: rule %s, cap %d, simulated makespan %.6g s (%d candidates)", best.rule, best.cap, best.makespan, len(tried))
     return best
 

@@ -78,6 +78,7 @@ def test_pipelined_train_checkpoint_and_resume(tmp_path, capsys):
     assert load_checkpoint(ckpt, eager) == 2
 
 
+@pytest.mark.slow  # the mesh itself is tested in test_parallel3d.py; this is the CLI path
 @pytest.mark.distributed
 def test_train_on_a_data_and_graph_parallel_mesh(tmp_path, capsys):
     """`train --data-parallel 2 --graph-parallel 2`: 4 processes, loss goes down."""
@@ -90,6 +91,7 @@ def test_train_on_a_data_and_graph_parallel_mesh(tmp_path, capsys):
     assert "(pp, dp, gp) = (1, 2, 2) = 4 processes" in out and "loss went down" in out, out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_gp_bench_reports_memory_per_gp_size(tmp_path, capsys):
     out_json = tmp_path / "gp.json"

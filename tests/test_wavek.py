@@ -296,3 +296,19 @@ def test_dag_from_real_partition():
             _check_every_task_once(programs, dag)
             sent = {t for p in programs.programs for a in p.actions if isinstance(a, Send) for t in a.tensors}
             assert sent and sum(dag.nbytes[t] for t in sent) > 0  # sized from out_bytes
+
+
+def test_stash_budget_bounds_memory_not_the_micro_batch_count():
+    """With a stash budget WaveK may keep more than P micro-batches in flight, never
+    exceeds the budget, and is at least as fast as with the count cap P; a budget nothing
+    fits falls back to the count cap."""
+    P, M = 4, 16
+    dag = PipelineDAG.synthetic(P, 1, M, phase_cost=MLIP_COSTS, stash_bytes=1e6, boundary_bytes=1e5, bandwidth_bytes_per_s=1e9)
+    capped = make_programs(dag, "wavek").meta["simulated"]
+    budget = 1.6 * max(capped["peak_stash_bytes"])
+    found = make_programs(dag, "wavek", stash_budget_bytes=budget).meta
+    assert max(found["simulated"]["peak_stash_bytes"]) <= budget * (1 + 1e-9)
+    assert found["simulated"]["makespan_s"] <= capped["makespan_s"] * (1 + 1e-9)
+    assert found["wavek_cap"] > P  # the budget was used for more micro-batches in flight
+    tiny = make_programs(dag, "wavek", stash_budget_bytes=1.0).meta
+    assert max(tiny["simulated"]["peak_in_flight"]) <= P
