@@ -73,9 +73,9 @@ class BenchConfig:
     sim_factors: List[int] = field(default_factory=lambda: [1, 2, 4])  # M = factor × P
     sim_chunks: List[int] = field(default_factory=lambda: [1, 2])  # K tried for wavek (best kept)
     sim_ilp_time_s: float = 5.0
-    # WaveK's memory limit in the simulator: "1f1b" = the peak stash 1F1B itself uses
-    # (equal memory; caps P..2P searched), "count" = at most P micro-batches in flight
-    wavek_memory: str = "1f1b"
+    # WaveK's memory limit in the simulator: "count" = at most P micro-batches in flight;
+    # "1f1b" = the peak stash 1F1B itself uses (equal memory; caps P..2P searched)
+    wavek_memory: str = "count"
     sim_bandwidth_gbs: float = 25.0
     sim_latency_us: float = 20.0
     timeout_s: float = 600.0
@@ -417,7 +417,7 @@ def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[A
 
 
 def _sim_schedules(
-    dag_of: Dict[Tuple[str, int], Any], schedules: Sequence[str], sim_chunks: Sequence[int], wavek_memory: str = "1f1b"
+    dag_of: Dict[Tuple[str, int], Any], schedules: Sequence[str], sim_chunks: Sequence[int], wavek_memory: str = "count"
 ) -> Dict[str, Any]:
     from .passes.wavek import make_programs
 
@@ -756,8 +756,8 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
     p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")
     p.add_argument(
-        "--wavek-memory", choices=["1f1b", "count"], default="1f1b",
-        help="simulated WaveK's memory limit: 1F1B's own peak stash (equal memory, default) or at most P micro-batches in flight",
+        "--wavek-memory", choices=["count", "1f1b"], default="count",
+        help="simulated WaveK's memory limit: at most P micro-batches in flight (default), or 1F1B's own peak stash (equal memory)",
     )
 
 

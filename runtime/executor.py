@@ -11,8 +11,13 @@ carried out over torch.distributed point-to-point (gloo on CPU, NCCL on CUDA).
   micro-batch's sizes (atoms, edges, structures): no shape handshake.
 - Messages on one (src, dst) channel carry increasing tags, so they match in program
   order; the program validator guarantees both sides agree on that order.
-- Sends are asynchronous (``isend``) and overlap the following computation; they are
-  completed at the end of the step.
+- Sends are asynchronous (``isend``) and overlap the following computation; finished
+  ones are released at every later send (so their tensors can be freed), the rest are
+  waited for at the end of the step.
+- Receives are posted ahead (``irecv``): when a compute starts, every receive up to the
+  compute after next is already posted, so its transfer runs while this rank computes;
+  the program's Recv action only waits for it. Posting in program order keeps the tags
+  of every channel in program order.
 """
 from __future__ import annotations
 
@@ -133,6 +138,11 @@ class RankExecutor:
                     self._last_use[(action.mb, name)] = k
         out_names = [a for a in graphs.output_args if isinstance(a, str)]
         self._keep = set(out_names)  # step outputs are never freed
+        # receives to post when compute action k starts: all up to the compute after next
+        computes = [k for k, a in enumerate(program.actions) if isinstance(a, Compute)]
+        self._prefetch_limit: Dict[int, int] = {}
+        for n, k in enumerate(computes):
+            self._prefetch_limit[k] = computes[n + 2] - 1 if n + 2 < len(computes) else len(program.actions) - 1
 
     def run(
         self,
@@ -149,16 +159,34 @@ class RankExecutor:
         envs: List[Dict[str, Any]] = [dict(zip(self.graphs.input_names, flat)) for flat in microbatch_inputs]
         channel_tag: Dict[Tuple[int, int], int] = {}
         pending: List[Any] = []
+        actions = self.program.actions
+        posted: Dict[int, List[Tuple[str, torch.Tensor, Any]]] = {}  # Recv index -> (name, buffer, work)
+        next_post = 0  # actions before this index have had their receives posted
+
+        def post_until(limit: int) -> None:
+            nonlocal next_post
+            while next_post <= min(limit, len(actions) - 1):
+                a = actions[next_post]
+                if isinstance(a, Recv):
+                    posts = []
+                    for t in a.tensors:
+                        tag = channel_tag.get((a.src, self.rank), 0)
+                        channel_tag[(a.src, self.rank)] = tag + 1
+                        buf = self.graphs.specs[t].materialise(microbatch_sizes[a.mb], self.device)
+                        posts.append((t, buf, dist.irecv(buf, src=self._world(a.src), tag=tag)))
+                    posted[next_post] = posts
+                next_post += 1
         events: List[Dict[str, Any]] = []
         t0 = time.perf_counter()
         fault_at = _fault_injection(self.world_rank, step)
-        for k, action in enumerate(self.program.actions):
+        for k, action in enumerate(actions):
             if fault_at == k:
                 import os
 
                 os._exit(17)
             start = time.perf_counter()
             if isinstance(action, Compute):
+                post_until(self._prefetch_limit[k])
                 key = (action.chunk, action.phase)
                 env = envs[action.mb]
                 args = [env[name] for name in self.graphs.inputs[key]]
@@ -173,19 +201,16 @@ class RankExecutor:
                     tag = channel_tag.get((self.rank, action.dst), 0)
                     channel_tag[(self.rank, action.dst)] = tag + 1
                     pending.append(dist.isend(env[t].contiguous(), dst=self._world(action.dst), tag=tag))
+                pending = self._release_finished(pending)
                 name = f"send {action.phase}{action.chunk} mb{action.mb} -> {action.dst}"
             elif isinstance(action, Recv):
                 env = envs[action.mb]
-                works = []
-                for t in action.tensors:
-                    tag = channel_tag.get((action.src, self.rank), 0)
-                    channel_tag[(action.src, self.rank)] = tag + 1
-                    buf = self.graphs.specs[t].materialise(microbatch_sizes[action.mb], self.device)
-                    works.append(dist.irecv(buf, src=self._world(action.src), tag=tag))
-                    env[t] = buf
+                post_until(k)
+                posts = posted.pop(k)
                 try:
-                    for w in works:
+                    for t, buf, w in posts:
                         w.wait()
+                        env[t] = buf
                 except RuntimeError as exc:
                     raise RankLostError(
                         f"rank {self.world_rank} lost rank {self._world(action.src)} while receiving {list(action.tensors)} for "
@@ -208,6 +233,19 @@ class RankExecutor:
         except RuntimeError as exc:
             raise RankLostError(f"rank {self.world_rank}: a send did not complete (peer lost or timed out): {exc}") from exc
         return self._collect(envs, events)
+
+    def _release_finished(self, pending: List[Any]) -> List[Any]:
+        """Drop sends that have completed: a pending work keeps its tensor alive."""
+        keep = []
+        for w in pending:
+            if not w.is_completed():
+                keep.append(w)
+                continue
+            try:
+                w.wait()  # returns at once; raises if the send failed
+            except RuntimeError as exc:
+                raise RankLostError(f"rank {self.world_rank}: a send failed (peer lost or timed out): {exc}") from exc
+        return keep
 
     def _world(self, pipeline_rank: int) -> int:
         return self.peers[pipeline_rank] if self.peers is not None else pipeline_rank
