@@ -49,3 +49,17 @@ torch.set_num_threads(1)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("JANUSPIPE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("JANUSPIPE_DUMP", raising=False)
+
+
+def eager_adam_losses(model, batches, epochs: int, loss_fn, lr: float = 1e-3):
+    """Loss of every step of plain eager Adam training: the curve a distributed run must follow."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(epochs):
+        for b in batches:
+            opt.zero_grad()
+            loss = loss_fn(model(b), b)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses

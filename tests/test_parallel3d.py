@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_rel_close, random_batch
+from conftest import assert_rel_close, eager_adam_losses, random_batch
 
 from janus_compile import EnergyForceLoss
 from janus_compile.data.collate import edge_shard, split_microbatches
@@ -75,16 +75,7 @@ def test_training_2x2x2_loss_curve_matches_eager():
         _model("schnet"), batches[0], loss=LOSS, stages=2, microbatches=2, schedule="wavek",
         data_parallel=2, graph_parallel=2, calibrate=False, timeout_s=300,
     )
-    eager = _model("schnet")
-    opt = torch.optim.Adam(eager.parameters(), lr=1e-3)
-    expected = []
-    for _ in range(4):
-        for b in batches:
-            opt.zero_grad()
-            loss = LOSS(eager(b), b)
-            loss.backward()
-            opt.step()
-            expected.append(loss.item())
+    expected = eager_adam_losses(_model("schnet"), batches, 4, LOSS)
     got = trainer.train(batches, epochs=4, lr=1e-3)
     assert len(got) == len(expected)
     for k, (a, e) in enumerate(zip(got, expected)):

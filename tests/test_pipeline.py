@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_rel_close, random_batch
+from conftest import assert_rel_close, eager_adam_losses, random_batch
 
 from janus_compile import EnergyForceLoss
 from janus_compile.models import build_model
@@ -55,15 +55,7 @@ def test_training_loss_curve_matches_eager():
     batches = [random_batch(40 + k, 4) for k in range(4)]
     trainer = PipelineTrainer(model, batches[0], loss=LOSS, stages=2, chunks=1, microbatches=2, schedule="wavek", calibrate=False)
     eager = _model()
-    opt = torch.optim.Adam(eager.parameters(), lr=1e-3)
-    expected = []
-    for _ in range(5):
-        for b in batches:
-            opt.zero_grad()
-            loss = LOSS(eager(b), b)
-            loss.backward()
-            opt.step()
-            expected.append(loss.item())
+    expected = eager_adam_losses(eager, batches, 5, LOSS)
     got = trainer.train(batches, epochs=5, lr=1e-3)
     assert len(got) == 20
     for k, (a, e) in enumerate(zip(got, expected)):
