@@ -49,8 +49,13 @@ _SUM_REDUCTIONS = {"index_add", "index_put", "_index_put_impl", "scatter_add", "
 _ACCUMULATING = {"index_add", "index_put", "_index_put_impl", "scatter_add"}
 # Ops that only read an edge tensor's size, dtype or device.
 _METADATA_ONLY = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "new_zeros", "new_empty", "new_ones", "new_full"}
+# Ops that mix values along one dimension: wrong on shards if that dimension is the edges.
+_ALONG_DIM = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "_softmax", "_log_softmax", "softmax",
+              "log_softmax", "sort", "argsort", "topk", "flip", "roll"}
+# Gathers: reading an edge tensor at other edges' positions crosses shards.
+_GATHERS = {"index_select", "gather", "index", "take", "_unsafe_index", "take_along_dim"}
 # Producers of all-zero tensors (a destination that may be all-reduced as it is).
-_ZEROS = {"new_zeros", "zeros", "zeros_like", "new_empty_strided"}
+_ZEROS = {"new_zeros", "zeros", "zeros_like"}
 
 
 class GraphParallelError(JanusError, ValueError):
@@ -121,10 +126,11 @@ def shard_edges(gm: fx.GraphModule) -> GraphParallelReport:
             continue
         if node.op != "call_function":
             continue
+        name = op_name(node)
         if is_edge_tensor(node):
+            _check_local_to_each_edge(node, name)
             report.sharded_nodes += 1
             continue
-        name = op_name(node)
         inputs = node.all_input_nodes
         if not isinstance(node.meta.get("val"), torch.Tensor) and not isinstance(node.meta.get("val"), (list, tuple)):
             # a symbolic int (or other scalar): remember whether it counts edges
@@ -157,6 +163,43 @@ def shard_edges(gm: fx.GraphModule) -> GraphParallelReport:
         report.sharded_nodes, report.all_reduces, report.rewritten_accumulations,
     )
     return report
+
+
+def _edge_dims(node) -> List[int]:
+    shape = node.meta.get(SHAPE) if isinstance(node, fx.Node) else None
+    if not shape or isinstance(shape, list):
+        return []
+    return [k for k, d in enumerate(shape) if EDGES in getattr(d, "free_symbols", ())]
+
+
+def _check_local_to_each_edge(node: fx.Node, name: str) -> None:
+    """An op producing per-edge values must compute each edge from that edge alone (or
+    from whole atom/structure tensors): a scan, sort or softmax along the edges, or a
+    gather from an edge tensor along the edges, would read other ranks' edges."""
+    src = node.args[0] if node.args else None
+    dims = _edge_dims(src)
+    if not dims:
+        return
+    rank = len(src.meta[SHAPE])
+    if name in _ALONG_DIM:
+        dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("dims", -1))
+        along = dim_arg if isinstance(dim_arg, (list, tuple)) else [dim_arg]
+        if name == "topk":
+            along = [node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)]
+        if any(isinstance(d, int) and d % rank in dims for d in along):
+            raise GraphParallelError(
+                f"{_where(node)} applies {name!r} along the edge dimension: on a shard it would see only "
+                "this rank's edges. Graph parallelism needs per-edge ops to be local to each edge; set "
+                "graph_parallel=1 for this model."
+            )
+    elif name in _GATHERS:
+        dim_arg = node.args[1] if name in ("index_select", "gather") and len(node.args) > 1 else 0
+        if isinstance(dim_arg, int) and dim_arg % rank in dims:
+            raise GraphParallelError(
+                f"{_where(node)} gathers from a per-edge tensor along the edges (e.g. the reverse of every "
+                "edge): the edge it reads may live on another rank. Graph parallelism cannot shard this "
+                "model's edges; set graph_parallel=1."
+            )
 
 
 def _flat_nodes(args) -> List[fx.Node]:

@@ -137,3 +137,26 @@ def test_graph_parallel_option_dumps_the_report(tmp_path):
     loss, _ = compiled.train_step(batch)
     ref = LOSS(model(batch), batch)
     assert_rel_close(loss.detach(), ref.detach(), 1e-12, "loss")
+
+
+class _ReverseEdgeLookup(_Pairwise):
+    """Reads every edge's reverse edge (DimeNet-style): not local to an edge shard."""
+
+    def edge_features(self, positions, cell, batch):
+        f = super().edge_features(positions, cell, batch)
+        reverse = (f.shape[0] - 1) - torch.arange(f.shape[0], device=f.device)
+        return f + f.index_select(0, reverse)
+
+
+class _SoftmaxOverEdges(_Pairwise):
+    def edge_features(self, positions, cell, batch):
+        return torch.softmax(super().edge_features(positions, cell, batch), dim=0)
+
+
+@pytest.mark.parametrize("model_cls,match", [(_ReverseEdgeLookup, "gathers from a per-edge tensor"), (_SoftmaxOverEdges, "along the edge dimension")])
+def test_ops_that_read_other_edges_are_refused(model_cls, match):
+    model = model_cls().double()
+    batch = random_batch(7, 2)
+    joint = _joint(model, batch)
+    with pytest.raises(GraphParallelError, match=match):
+        shard_edges(joint.gm)
