@@ -18,7 +18,9 @@ after it, in whichever phase it sits. An accumulating op whose destination alrea
 holds a value (``index_add(x, ..., msg)`` with ``x`` not zeros) is rewritten to
 ``x + all_reduce(index_add(zeros_like(x), ..., msg))``, so ``x`` is not counted gp
 times. Any other op from edges to non-edges (a max, a mean, a gather) has no such
-rewrite and is refused with the op and module named.
+rewrite and is refused with the op and module named, and so is a per-edge op that reads
+other edges (a scan, sort or softmax along the edges, a gather from an edge tensor along
+the edges such as a reverse-edge lookup), since those edges may live on another rank.
 
 Atoms stay replicated. Partitioning atoms as well (domain decomposition) would need
 halo exchanges before every gather from atoms to edges; see docs/parallelism.md.
