@@ -138,3 +138,12 @@ def test_bad_options(options, match):
     model = build_model("schnet", hidden=8, num_interactions=1, cutoff=3.5).double()
     with pytest.raises(OptionsError, match=match):
         janus_compile.compile(model, **options)
+
+
+@pytest.mark.parametrize("options", [{"stages": 2}, {"graph_parallel": 2}, {"data_parallel": 2}])
+def test_torch_compile_path_refuses_distributed_options_with_the_alternative(options):
+    torch._dynamo.reset()
+    model = build_model("schnet", hidden=8, num_interactions=1, cutoff=3.5).double()
+    compiled = torch.compile(model, backend="januspipe", options=options)
+    with pytest.raises(Exception, match="PipelineTrainer"):
+        compiled(random_batch(0, 2))
