@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .labels import PHASE, PHASES, compute_nodes
-from .units import Units
+from .units import Units, is_size_node
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,6 @@ class Placement:
     rephased: List[str] = field(default_factory=list)  # nodes moved to a later phase
 
 
-def _is_size_node(node: fx.Node) -> bool:
-    """Integer/size arithmetic: cheap, recomputed in every group that needs it."""
-    val = node.meta.get("val")
-    return node.op == "call_function" and not isinstance(val, torch.Tensor) and not (
-        isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
-    )
-
-
 def place_nodes(
     graph: fx.Graph,
     units: Units,
@@ -98,7 +90,7 @@ def place_nodes(
     phase: Dict[str, str] = {}
     placement = Placement(chunk, phase)
     for n in compute_nodes(graph):
-        if _is_size_node(n):
+        if is_size_node(n):
             continue
         p = n.meta[PHASE]
         producers = [m for m in n.all_input_nodes if m.name in chunk]
@@ -176,7 +168,7 @@ def _build_group(gm: fx.GraphModule, key: GroupKey, members: List[fx.Node], memb
     def get(m: fx.Node) -> fx.Node:
         if m.name in env:
             return env[m.name]
-        if m.op == "get_attr" or (_is_size_node(m) and m.name not in member_set):
+        if m.op == "get_attr" or (is_size_node(m) and m.name not in member_set):
             new = graph.node_copy(m, get)  # recompute sizes / re-read constants locally
         else:
             new = graph.placeholder(m.name)

@@ -33,6 +33,7 @@ from .symfold_ilp import (
     solve_partition,
     wave_rank,
 )
+from .segments import segment_units
 from .units import Units, build_units
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,17 @@ def partition_graph(
             log.info("units at depth %d: %d units, max/mean %.3f (was %.3f)", depth, len(finer.names), candidate.imbalance, solution.imbalance)
             if candidate.objective < solution.objective:
                 units, problem, solution = finer, finer_problem, candidate
+        # Still unbalanced: a single unit outweighs a chunk's share. Cut heavy units into
+        # fold-safe segments of their own code (passes/segments.py).
+        if solution.imbalance > BALANCE_TARGET:
+            share = sum(u.total_cost() for u in problem.units) / V
+            cut = segment_units(graph, units, node_times, out_bytes, share)
+            if len(cut.names) > len(units.names):
+                cut_problem = build_problem(graph, cut, node_times, out_bytes, param_bytes, stages, chunks, **ilp_options)
+                candidate = solve_partition(cut_problem, lp_path=lp_path)
+                log.info("segmented units: %d units, max/mean %.3f (was %.3f)", len(cut.names), candidate.imbalance, solution.imbalance)
+                if candidate.objective < solution.objective:
+                    units, problem, solution = cut, cut_problem, candidate
         chunk_of_unit = solution.chunk_of_unit
         plan = split_graph(gm, units, chunk_of_unit, V, FOLDED)
     elif method == "even":

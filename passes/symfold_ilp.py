@@ -23,7 +23,7 @@ Model (pulp + the CBC bundled with it):
 - every chunk gets at least one unit. With order, unit ``u`` can then only sit on chunks
   ``max(0, V-U+u) .. min(V-1, u)``, so variables outside that window are never created;
   this also fixes ``x[0,0] = 1`` and ``x[U-1,V-1] = 1`` (symmetry breaking);
-- minimise ``T + comm_weight · Σ_edges bytes/bandwidth · (chunk(dst) - chunk(src))``
+- minimise ``T + comm_weight · Σ_edges bytes/bandwidth · (chunk(dst) - chunk(src)) / P``
   with ``T >= T_r`` for every rank (``T_r``: the four-phase time of the rank's units);
   the hop count is linear, exact for chains, and counts a hop even where wave placement
   puts two consecutive chunks on the same rank (the turn of the wave);
@@ -129,6 +129,17 @@ class PartitionProblem:
         """V = K·P, the number of pipeline chunks."""
         return self.stages * self.chunks
 
+    @property
+    def seconds_per_byte_hop(self) -> float:
+        """What one byte sent one chunk further adds to the objective.
+
+        Transfers are asynchronous and spread over the ranks: the runtime overlaps them
+        with compute, and each rank carries only its own boundaries. So the objective
+        charges the *per-rank mean* of the transfer time (total / P), not the total,
+        which would make any cut inside a block (per-edge tensors) look P times too dear.
+        """
+        return self.comm_weight / self.bandwidth_bytes_per_s / self.stages
+
 
 @dataclass
 class PartitionSolution:
@@ -233,10 +244,9 @@ def _memory_error(problem: PartitionProblem, lower: float, proven: bool) -> Part
 
 
 def _comm_seconds(problem: PartitionProblem, chunk_of_unit: Sequence[int]) -> float:
-    """Weighted transfer seconds: bytes/bandwidth times chunk hops, per edge."""
-    bw = problem.bandwidth_bytes_per_s
-    return problem.comm_weight * sum(
-        e.bytes / bw * (chunk_of_unit[e.dst] - chunk_of_unit[e.src]) for e in problem.edges
+    """Transfer seconds charged to the objective: bytes times chunk hops, per edge, per rank."""
+    return problem.seconds_per_byte_hop * sum(
+        e.bytes * (chunk_of_unit[e.dst] - chunk_of_unit[e.src]) for e in problem.edges
     )
 
 
@@ -316,7 +326,7 @@ def _polish(problem: PartitionProblem, chunk_of_unit: List[int], max_evals: int)
     for u in problem.units:
         pre_t.append(pre_t[-1] + u.total_cost())
         pre_m.append(pre_m[-1] + u.memory(mif))
-    hop = [(e.src, e.dst, problem.comm_weight * e.bytes / problem.bandwidth_bytes_per_s) for e in problem.edges if e.bytes > 0]
+    hop = [(e.src, e.dst, problem.seconds_per_byte_hop * e.bytes) for e in problem.edges if e.bytes > 0]
 
     def score(cuts: List[int]) -> Optional[Tuple[float, float]]:
         rank_time, rank_mem = [0.0] * p, [0.0] * p
@@ -428,7 +438,7 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
         # MPS objective constant out of its progress lines, which would skew the bound.
         return pulp.lpSum(c * x[u, c] for c in windows[u] if c > 0)
 
-    hop_s = problem.comm_weight / problem.bandwidth_bytes_per_s / scale
+    hop_s = problem.seconds_per_byte_hop / scale
     comm = pulp.lpSum(e.bytes * hop_s * (chunk_expr(e.dst) - chunk_expr(e.src)) for e in problem.edges if e.bytes > 0)
     prob += t + comm, "rank_time_plus_comm"
 

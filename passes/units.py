@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+import torch
 import torch.fx as fx
 
 from .labels import FORWARD_NODE, IS_LOSS, MODULE, PHASE, compute_nodes
@@ -30,7 +31,7 @@ PROLOGUE = "<prologue>"
 class Units:
     names: List[str]  # topological order
     unit_of_node: Dict[str, int]  # every compute node (all phases) -> unit index
-    edges: Dict[Tuple[int, int], List[str]]  # (src unit, dst unit) -> forward nodes crossing
+    edges: Dict[Tuple[int, int], List[str]]  # (low unit, high unit) -> values read across, any phase
     depth: int
 
     def nodes_of(self, unit: int) -> List[str]:
@@ -147,7 +148,6 @@ def _topological_merge(keys: Dict[str, str], graph: fx.Graph) -> Tuple[List[str]
 
 def build_units(graph: fx.Graph, min_units: int = 1, max_depth: int = 6, min_depth: int = 1) -> Units:
     """Units at the shallowest depth (≥ ``min_depth``) that gives at least ``min_units``."""
-    by_name = {n.name: n for n in graph.nodes}
     best = None
     for depth in range(min_depth, max_depth + 1):
         keys = _forward_keys(graph, depth)
@@ -157,11 +157,24 @@ def build_units(graph: fx.Graph, min_units: int = 1, max_depth: int = 6, min_dep
             break
     depth, names, merged = best
     index = {k: i for i, k in enumerate(names)}
+    unit_of_forward = {n: index[k] for n, k in merged.items()}
+    log.info("units at depth %d: %s", depth, names)
+    return assemble_units(graph, names, unit_of_forward, depth)
+
+
+def assemble_units(graph: fx.Graph, names: List[str], unit_of_forward: Dict[str, int], depth: int) -> Units:
+    """`Units` from the unit of every F node: backward nodes follow their fold root.
+
+    ``edges`` lists every value read across units in any phase (keyed low → high unit
+    index, the way the ILP counts hops): forward activations, the gradients flowing back
+    over the same cut, and stash read by another unit's backward.
+    """
+    by_name = {n.name: n for n in graph.nodes}
     unit_of_node: Dict[str, int] = {}
     for n in compute_nodes(graph):
         root = fold_root(n, by_name)
-        if root is not None and root.name in merged:
-            unit_of_node[n.name] = index[merged[root.name]]
+        if root is not None and root.name in unit_of_forward:
+            unit_of_node[n.name] = unit_of_forward[root.name]
     # Backward nodes with no forward link (rare: seeds with no linked neighbour) go with
     # the unit of the nearest unit-assigned input, else the last unit.
     for n in compute_nodes(graph):
@@ -170,14 +183,19 @@ def build_units(graph: fx.Graph, min_units: int = 1, max_depth: int = 6, min_dep
             unit_of_node[n.name] = max(found) if found else len(names) - 1
     edges: Dict[Tuple[int, int], List[str]] = {}
     for n in compute_nodes(graph):
-        if n.meta.get(PHASE) != "F":
-            continue
         for m in n.all_input_nodes:
-            if m.name in unit_of_node and m.meta.get(PHASE) == "F":
+            if m.name in unit_of_node and not is_size_node(m):
                 a, b = unit_of_node[m.name], unit_of_node[n.name]
                 if a != b:
-                    edges.setdefault((a, b), [])
-                    if m.name not in edges[(a, b)]:
-                        edges[(a, b)].append(m.name)
-    log.info("units at depth %d: %s", depth, names)
+                    crossing = edges.setdefault((min(a, b), max(a, b)), [])
+                    if m.name not in crossing:
+                        crossing.append(m.name)
     return Units(names, unit_of_node, edges, depth)
+
+
+def is_size_node(node: fx.Node) -> bool:
+    """Integer/size arithmetic: cheap, recomputed in every group that needs it, never sent."""
+    val = node.meta.get("val")
+    return node.op == "call_function" and not isinstance(val, torch.Tensor) and not (
+        isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
+    )
