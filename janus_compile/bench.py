@@ -323,6 +323,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             sim = tr.programs.meta["simulated"]
             n_struct, n_atoms = batch.num_structures, batch.num_atoms
             mem_est = tr.partition.rank_memory(max(sim.get("peak_in_flight") or [M]))
+            peak_est = estimated_training_growth(tr, batch)
             rss = [x["maxrss_mb"] for x in runs[sched] if "maxrss_mb" in x]
             growth = [x["rss_growth_mb"] for x in runs[sched] if "rss_growth_mb" in x]
             busy = [max(x["last_step_compute_s"]) for x in runs[sched] if "last_step_compute_s" in x]
@@ -353,6 +354,9 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "partition_imbalance": tr.partition.imbalance(),
                 "recv_tensors_per_rank": recv_tensors,  # tensors each rank receives per step
                 "est_memory_per_rank_mb": [m["total"] / 2**20 for m in mem_est],
+                # the executor's peak replayed (passes/memory.py) + gradient and Adam buffers:
+                # what the measured training growth should confirm
+                "est_peak_growth_mb": [b / 2**20 for b in peak_est],
                 "measured_peak_rss_mb": [max(col) for col in zip(*rss)] if rss else None,
                 "measured_rss_growth_mb": [max(col) for col in zip(*growth)] if growth else None,
                 "wavek_rule": tr.programs.meta.get("wavek_rule"),
@@ -588,6 +592,20 @@ def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:+.0f}%"
 
 
+def estimated_training_growth(trainer: Any, batch: Any) -> List[float]:
+    """Bytes per rank that a training step adds on top of the loaded worker: the program's
+    replayed peak (`passes.memory.program_memory`) plus the summed gradients and the two Adam
+    moments, which every rank holds for every parameter (parameters are replicated)."""
+    from .compiled import size_values_from_batch
+    from .data import split_microbatches
+    from .passes.memory import program_memory
+
+    sizes = [size_values_from_batch(mb) for mb in split_microbatches(batch, trainer.microbatches)]
+    peaks = program_memory(trainer.graphs, trainer.programs, sizes)
+    state = 3 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    return [m.peak_bytes + state for m in peaks]
+
+
 def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
     lines = []
     for e in entries:
@@ -597,22 +615,24 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
         )
         lines.append(
             "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared cal. (own) | sim error "
-            "| sim bubble | sim efficiency | compute ms calibrated / traced | recv tensors/rank | est. mem/rank MB "
-            "| peak RSS/rank MB (training growth) |"
+            "| sim bubble | sim efficiency | compute ms calibrated / traced | recv tensors/rank | est. stash+params/rank MB "
+            "| est. peak growth/rank MB | peak RSS/rank MB (training growth) | growth measured/est. |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s, r in e["schedules"].items():
             st = r["step_s"]
             rss = r["measured_peak_rss_mb"]
             growth = r["measured_rss_growth_mb"]
             rss_txt = "n/a" if rss is None else f"{max(rss):.0f} (+{max(growth):.0f})"
+            est = r.get("est_peak_growth_mb")
+            ratio = "n/a" if growth is None or not est else f"{max(growth) / max(est):.2f}"
             lines.append(
                 f"| {s} | {r['chunks']} | {1e3 * st['median']:.1f} | {1e3 * st['min']:.1f} | {1e3 * st['max']:.1f} "
                 f"| {r['structures_per_s']:.1f} | {r['atoms_per_s']:.0f} | {1e3 * r['simulated_step_s']:.1f} ({1e3 * r['simulated_step_s_own']:.1f}) "
                 f"| {_pct(r['sim_rel_error'])} | {100 * r['sim_bubble_fraction']:.1f}% | {r['sim_efficiency']:.2f} "
                 f"| {1e3 * r['sim_compute_s']:.0f} / {_fmt(None if r['measured_compute_s'] is None else 1e3 * r['measured_compute_s'], '.0f')} "
                 f"| {max(r['recv_tensors_per_rank'])} "
-                f"| {max(r['est_memory_per_rank_mb']):.2f} | {rss_txt} |"
+                f"| {max(r['est_memory_per_rank_mb']):.2f} | {_fmt(max(est) if est else None, '.0f')} | {rss_txt} | {ratio} |"
             )
         ra, sr = e["ratios"], e["sim_ratios"]
         lines.append(

@@ -31,7 +31,7 @@ from .losses import EnergyForceLoss
 from .options import JanusOptions
 from .runtime.executor import RankExecutor, StageGraphs
 from .runtime.launch import init_from_env, launch_local, torchrun_world
-from .runtime.program import ProgramSet
+from .runtime.program import ProgramSet, send_releases
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,10 @@ def _train_worker(
     set_graph_parallel_group(mesh.gp_group)
     params = {k: v.clone().requires_grad_(False) for k, v in setup["params"].items()}
     buffers = setup["buffers"]
-    executor = RankExecutor(mesh.pp_rank, graphs, programs.programs[mesh.pp_rank], device, peers=mesh.peers)
+    executor = RankExecutor(
+        mesh.pp_rank, graphs, programs.programs[mesh.pp_rank], device, peers=mesh.peers,
+        releases=send_releases(programs, mesh.pp_rank),
+    )
     param_names = list(params)
     n_out = len(joint["output_names"])
     output_args = graphs.output_args[1 : 1 + n_out]

@@ -11,9 +11,11 @@ carried out over torch.distributed point-to-point (gloo on CPU, NCCL on CUDA).
   micro-batch's sizes (atoms, edges, structures): no shape handshake.
 - Messages on one (src, dst) channel carry increasing tags, so they match in program
   order; the program validator guarantees both sides agree on that order.
-- Sends are asynchronous (``isend``) and overlap the following computation; finished
-  ones are released at every later send (so their tensors can be freed), the rest are
-  waited for at the end of the step.
+- Sends are asynchronous (``isend``) and overlap the following computation. A pending
+  send keeps its tensor alive, and gloo reports a send complete only once it is waited
+  for, so each send is waited for right after the first receive that proves it arrived
+  (`program.send_releases`: the peer answered after receiving it), which returns at once;
+  sends with no such answer are waited for at the end of the step.
 - Receives are posted ahead (``irecv``): when a compute starts, every receive up to the
   compute after next is already posted, so its transfer runs while this rank computes;
   the program's Recv action only waits for it. Posting in program order keeps the tags
@@ -114,12 +116,44 @@ def _fault_injection(rank: int, step: int) -> Optional[int]:
     return k if r == rank and s == step else None
 
 
+def last_uses(graphs: StageGraphs, program: RankProgram) -> Dict[Tuple[int, str], int]:
+    """(micro-batch, value) -> index of the last action of ``program`` that reads it.
+
+    The executor frees a value after that action; `passes/memory.py` replays the same rule.
+    """
+    last: Dict[Tuple[int, str], int] = {}
+    for k, action in enumerate(program.actions):
+        if isinstance(action, Compute):
+            for name in graphs.inputs[(action.chunk, action.phase)]:
+                last[(action.mb, name)] = k
+        elif isinstance(action, Send):
+            for name in action.tensors:
+                last[(action.mb, name)] = k
+    return last
+
+
+def prefetch_limits(program: RankProgram) -> Dict[int, int]:
+    """Compute action index -> last action index whose receive is posted when it starts:
+    every receive up to the compute after next."""
+    computes = [k for k, a in enumerate(program.actions) if isinstance(a, Compute)]
+    limits: Dict[int, int] = {}
+    for n, k in enumerate(computes):
+        limits[k] = computes[n + 2] - 1 if n + 2 < len(computes) else len(program.actions) - 1
+    return limits
+
+
 class RankExecutor:
     """Runs pipeline stage ``rank``'s program. ``peers[q]`` is the world rank of pipeline
     stage q in this process's (dp, gp) slice of the mesh (default: q itself)."""
 
     def __init__(
-        self, rank: int, graphs: StageGraphs, program: RankProgram, device: torch.device, peers: Optional[Sequence[int]] = None
+        self,
+        rank: int,
+        graphs: StageGraphs,
+        program: RankProgram,
+        device: torch.device,
+        peers: Optional[Sequence[int]] = None,
+        releases: Optional[Mapping[int, Sequence[int]]] = None,
     ) -> None:
         self.rank = rank
         self.peers = list(peers) if peers is not None else None
@@ -128,21 +162,12 @@ class RankExecutor:
         self.program = program
         self.device = device
         # last use of every value on this rank, per micro-batch: free it afterwards
-        self._last_use: Dict[Tuple[int, str], int] = {}
-        for k, action in enumerate(program.actions):
-            if isinstance(action, Compute):
-                for name in graphs.inputs[(action.chunk, action.phase)]:
-                    self._last_use[(action.mb, name)] = k
-            elif isinstance(action, Send):
-                for name in action.tensors:
-                    self._last_use[(action.mb, name)] = k
-        out_names = [a for a in graphs.output_args if isinstance(a, str)]
-        self._keep = set(out_names)  # step outputs are never freed
-        # receives to post when compute action k starts: all up to the compute after next
-        computes = [k for k, a in enumerate(program.actions) if isinstance(a, Compute)]
-        self._prefetch_limit: Dict[int, int] = {}
-        for n, k in enumerate(computes):
-            self._prefetch_limit[k] = computes[n + 2] - 1 if n + 2 < len(computes) else len(program.actions) - 1
+        self._last_use = last_uses(graphs, program)
+        self._keep = {a for a in graphs.output_args if isinstance(a, str)}  # step outputs are never freed
+        self._prefetch_limit = prefetch_limits(program)
+        # Recv index -> Send indices delivered by then (`program.send_releases`): waited
+        # for there, so a sent tensor is freed long before the end of the step
+        self._releases = {k: list(v) for k, v in (releases or {}).items()}
 
     def run(
         self,
@@ -158,7 +183,7 @@ class RankExecutor:
         (the gradient sync uses it to start reducing gradients that are final)."""
         envs: List[Dict[str, Any]] = [dict(zip(self.graphs.input_names, flat)) for flat in microbatch_inputs]
         channel_tag: Dict[Tuple[int, int], int] = {}
-        pending: List[Any] = []
+        pending: Dict[int, List[Any]] = {}  # Send action index -> its unfinished works
         actions = self.program.actions
         posted: Dict[int, List[Tuple[str, torch.Tensor, Any]]] = {}  # Recv index -> (name, buffer, work)
         next_post = 0  # actions before this index have had their receives posted
@@ -197,11 +222,11 @@ class RankExecutor:
                 name = f"{action.phase}{action.chunk} mb{action.mb}"
             elif isinstance(action, Send):
                 env = envs[action.mb]
+                works = pending.setdefault(k, [])
                 for t in action.tensors:
                     tag = channel_tag.get((self.rank, action.dst), 0)
                     channel_tag[(self.rank, action.dst)] = tag + 1
-                    pending.append(dist.isend(env[t].contiguous(), dst=self._world(action.dst), tag=tag))
-                pending = self._release_finished(pending)
+                    works.append(dist.isend(env[t].contiguous(), dst=self._world(action.dst), tag=tag))
                 name = f"send {action.phase}{action.chunk} mb{action.mb} -> {action.dst}"
             elif isinstance(action, Recv):
                 env = envs[action.mb]
@@ -217,25 +242,34 @@ class RankExecutor:
                         f"{action.phase}{action.chunk} micro-batch {action.mb}: {exc}"
                     ) from exc
                 name = f"recv {action.phase}{action.chunk} mb{action.mb} <- {action.src}"
+                for sent in self._releases.get(k, ()):
+                    self._wait_sends(pending.pop(sent, []))  # delivered: returns at once
             elif isinstance(action, (GradSync, OptimizerStep)):
                 continue  # handled by the trainer around the step
             else:  # pragma: no cover - the IR has no other actions
                 raise TypeError(f"unknown action {action!r}")
             self._free(envs, action, k)
+            if pending:
+                pending = {i: ws for i, ws in ((i, self._release_finished(ws)) for i, ws in pending.items()) if ws}
             if trace:
                 event = {"name": name, "ph": "X", "pid": self.rank, "tid": 0, "ts": (start - t0) * 1e6, "dur": (time.perf_counter() - start) * 1e6}
                 if isinstance(action, Compute):
                     event["args"] = {"chunk": action.chunk, "phase": action.phase, "mb": action.mb}
                 events.append(event)
+        for works in pending.values():
+            self._wait_sends(works)
+        return self._collect(envs, events)
+
+    def _wait_sends(self, works: List[Any]) -> None:
         try:
-            for w in pending:
+            for w in works:
                 w.wait()
         except RuntimeError as exc:
             raise RankLostError(f"rank {self.world_rank}: a send did not complete (peer lost or timed out): {exc}") from exc
-        return self._collect(envs, events)
 
     def _release_finished(self, pending: List[Any]) -> List[Any]:
-        """Drop sends that have completed: a pending work keeps its tensor alive."""
+        """Drop sends that report completion (NCCL does; gloo only once waited for): a
+        pending work keeps its tensor alive."""
         keep = []
         for w in pending:
             if not w.is_completed():

@@ -222,3 +222,45 @@ def render_python(program: RankProgram, header: Iterable[str] = ()) -> str:
     lines += [f"# {h}" for h in header]
     lines += [a.render() for a in program.actions]
     return "\n".join(lines) + "\n"
+
+
+def send_releases(programs: ProgramSet, rank: int) -> Dict[int, List[int]]:
+    """Recv action index -> Send action indices of ``rank`` that are surely delivered once
+    that receive has completed.
+
+    Why: gloo reports a point-to-point send complete only when it is waited for, so a
+    polling runtime would keep every sent tensor alive to the end of the step. Waiting is
+    safe (it returns at once) when the data has provably arrived: rank ``r`` received our
+    send at its Recv ``i`` and, later in its program, sends us a message; once we have
+    received *that* one, ``r`` had passed ``i``. Sends with no such answer are waited for
+    at the end of the step, as before.
+    """
+    position: Dict[Tuple[int, int, int], int] = {}  # (src, dst, n-th message) -> action index at dst
+    sent: Dict[Tuple[int, int, int], int] = {}  # (src, dst, n-th message) -> action index at src
+    for prog in programs.programs:
+        count: Dict[Tuple[int, int], int] = {}
+        for k, a in enumerate(prog.actions):
+            if isinstance(a, Send):
+                n = count.get((prog.rank, a.dst), 0)
+                count[(prog.rank, a.dst)] = n + 1
+                sent[(prog.rank, a.dst, n)] = k
+            elif isinstance(a, Recv):
+                n = count.get((a.src, prog.rank), 0)
+                count[(a.src, prog.rank)] = n + 1
+                position[(a.src, prog.rank, n)] = k
+    # per peer, in program order: where the peer sends to us, and where we receive it
+    answers: Dict[int, List[Tuple[int, int]]] = {}  # peer -> [(peer's send index, our recv index)]
+    for (src, dst, n), k_src in sent.items():
+        if dst == rank and (src, dst, n) in position:
+            answers.setdefault(src, []).append((k_src, position[(src, dst, n)]))
+    for lst in answers.values():
+        lst.sort()
+    releases: Dict[int, List[int]] = {}
+    for (src, dst, n), k_send in sorted(sent.items()):
+        if src != rank or (src, dst, n) not in position:
+            continue
+        received_at = position[(src, dst, n)]
+        later = [ours for theirs, ours in answers.get(dst, []) if theirs > received_at and ours > k_send]
+        if later:
+            releases.setdefault(min(later), []).append(k_send)
+    return releases

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import torch
 
 from .executor import RankExecutor, StageGraphs
-from .program import ProgramSet
+from .program import ProgramSet, send_releases
 
 
 def run_rank_step(
@@ -23,7 +23,7 @@ def run_rank_step(
     if len(programs.programs) != world_size:
         raise ValueError(f"{len(programs.programs)} rank programs for a world of {world_size} processes")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    executor = RankExecutor(rank, graphs, programs.programs[rank], device)
+    executor = RankExecutor(rank, graphs, programs.programs[rank], device, releases=send_releases(programs, rank))
     result = executor.run(microbatch_inputs, microbatch_sizes, trace=trace)
     return {"outputs": result.outputs, "trace": result.trace}
 

@@ -1,0 +1,205 @@
+"""Peak memory per rank: replay each rank's program the way the executor holds its values.
+
+`Partition.rank_memory` counts parameters and stash, the part a partition decides. What a
+rank really peaks at also holds the receive buffers posted ahead, step outputs kept to
+the end (per-micro-batch parameter gradients, energies, forces), values waiting for a
+later send, and, while a group runs, that group's own working set: the intermediates of
+its graph that are alive at once. This pass replays a rank's program with the executor's
+own rules (`runtime.executor.last_uses`, `prefetch_limits`; a sent value stays alive
+until the receive that proves it arrived, `runtime.program.send_releases`, or the end of
+the step) and each group's graph in
+order (an intermediate dies after its last reader; a view keeps its base alive), at the
+sizes of every micro-batch, and reports the worst moment.
+
+It is what a measured peak (CUDA allocator, or CPU resident memory above the loaded
+worker) should confirm; `januspipe bench` prints both.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import sympy
+import torch.fx as fx
+
+from janus_compile.runtime.executor import StageGraphs, last_uses, prefetch_limits
+from janus_compile.runtime.program import Compute, ProgramSet, Recv, Send, send_releases
+
+from .cost import VIEW_OPS, _subs, nbytes, op_name
+
+Sizes = Mapping[str, int]
+GroupKey = Tuple[int, str]
+
+
+@dataclass
+class RankMemory:
+    """Bytes one rank holds at its worst moment of a step (parameters and inputs excluded)."""
+
+    rank: int
+    peak_bytes: float  # held values + posted receives + the running group's working set
+    peak_action: int  # index of the program action at which the peak happens
+    held_peak_bytes: float  # values held between actions (stash, received, outputs), at their worst
+    workspace_peak_bytes: float  # the largest working set of one group (at any micro-batch)
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}: peak {self.peak_bytes / 2**20:.1f} MiB at action {self.peak_action} "
+            f"(held at most {self.held_peak_bytes / 2**20:.1f} MiB, largest group working set "
+            f"{self.workspace_peak_bytes / 2**20:.1f} MiB)"
+        )
+
+
+def _is_alias(node: fx.Node) -> bool:
+    """Outputs that share their first argument's storage (views, tuple items)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return node.target is operator.getitem or op_name(node) in VIEW_OPS
+
+
+def _storage_owner(node: fx.Node) -> fx.Node:
+    """The node whose output storage ``node`` shares (itself unless it is a view)."""
+    while _is_alias(node):
+        node = node.args[0]
+    return node
+
+
+def _float(expr, sizes: Sizes) -> float:
+    return float(sympy.sympify(expr).xreplace(_subs(sizes))) if expr != 0 else 0.0
+
+
+class _GroupWorkspace:
+    """Peak bytes of a group graph's intermediates (not its inputs), per micro-batch size."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        returned = set(output.all_input_nodes)
+        # views share their owner's storage; a view of an input allocates nothing
+        base = {n: owner if (owner := _storage_owner(n)).op == "call_function" else None for n in nodes}
+        position = {n: i for i, n in enumerate(nodes)}
+        death = {}  # storage owner -> position after which it is freed (None: returned)
+        for n in nodes:
+            owner = base[n]
+            if owner is None:
+                continue
+            if n in returned or death.get(owner, 0) is None:
+                death[owner] = None
+                continue
+            last = max((position[u] for u in n.users if u in position), default=position[n])
+            death[owner] = max(death.get(owner, position[owner]), last)
+        self._alloc = [(position[n], nbytes(n)) for n in nodes if base[n] is n]
+        self._free = {}
+        for owner, at in death.items():
+            if at is not None:
+                self._free.setdefault(at, []).append(nbytes(owner))
+        self._count = len(nodes)
+        self._cache: Dict[Tuple[Tuple[str, int], ...], float] = {}
+
+    def peak(self, sizes: Sizes) -> float:
+        key = tuple(sorted(sizes.items()))
+        if key not in self._cache:
+            alloc: Dict[int, float] = {}
+            for at, expr in self._alloc:
+                alloc[at] = alloc.get(at, 0.0) + _float(expr, sizes)
+            live = peak = 0.0
+            for i in range(self._count):
+                live += alloc.get(i, 0.0)
+                peak = max(peak, live)
+                live -= sum(_float(e, sizes) for e in self._free.get(i, ()))
+            self._cache[key] = peak
+        return self._cache[key]
+
+
+def _value_bytes(graphs: StageGraphs) -> Dict[str, object]:
+    """Symbolic bytes of every value a group takes or returns, by joint-graph name."""
+    out: Dict[str, object] = {}
+    for key, gm in graphs.groups.items():
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                out.setdefault(n.name, nbytes(n))
+            elif n.op == "output":
+                # an output that aliases an input, or an output already counted, adds nothing
+                values = n.args[0] if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
+                owners = set()
+                for name, v in zip(graphs.outputs[key], values):
+                    if not isinstance(v, fx.Node):
+                        continue
+                    owner = _storage_owner(v)
+                    out.setdefault(name, 0 if owner.op == "placeholder" or owner in owners else nbytes(owner))
+                    owners.add(owner)
+    return out
+
+
+def program_memory(graphs: StageGraphs, programs: ProgramSet, microbatch_sizes: Sequence[Sizes]) -> List[RankMemory]:
+    """Peak bytes of every rank running ``programs`` on micro-batches of ``microbatch_sizes``
+    (``atoms``, ``edges``, ``structures`` per micro-batch), as the executor holds them."""
+    workspaces = {key: _GroupWorkspace(gm) for key, gm in graphs.groups.items()}
+    exprs = _value_bytes(graphs)
+    inputs = set(graphs.input_names)
+    keep = {a for a in graphs.output_args if isinstance(a, str)}
+    size_of: Dict[Tuple[int, str], float] = {}
+
+    def nbytes_of(mb: int, name: str) -> float:
+        if (mb, name) not in size_of:
+            size_of[(mb, name)] = _float(exprs.get(name, 0), microbatch_sizes[mb])
+        return size_of[(mb, name)]
+
+    result = []
+    for program in programs.programs:
+        actions = program.actions
+        last = last_uses(graphs, program)
+        limits = prefetch_limits(program)
+        released_at = {s: r for r, sends in send_releases(programs, program.rank).items() for s in sends}
+        held: Dict[Tuple[int, str], float] = {}
+        sending: Dict[Tuple[int, str], Tuple[float, int]] = {}  # sent, not yet waited for: (bytes, released at)
+        posted: Dict[int, float] = {}  # Recv index -> bytes of its buffers, once posted
+        next_post = 0
+        peak = held_peak = work_peak = 0.0
+        peak_at = 0
+
+        def post_until(limit: int) -> None:
+            nonlocal next_post
+            while next_post <= min(limit, len(actions) - 1):
+                a = actions[next_post]
+                if isinstance(a, Recv):
+                    posted[next_post] = sum(nbytes_of(a.mb, t) for t in a.tensors)
+                next_post += 1
+
+        for k, action in enumerate(actions):
+            work = 0.0
+            if isinstance(action, Compute):
+                post_until(limits[k])
+                key = (action.chunk, action.phase)
+                work = workspaces[key].peak(microbatch_sizes[action.mb])
+                work_peak = max(work_peak, work)
+                reads = graphs.inputs[key]
+            elif isinstance(action, Recv):
+                post_until(k)
+                posted.pop(k, None)
+                for t in action.tensors:
+                    held[(action.mb, t)] = nbytes_of(action.mb, t)
+                reads = ()
+            elif isinstance(action, Send):
+                reads = action.tensors
+            else:
+                continue
+            now = sum(held.values()) + sum(posted.values()) + sum(b for b, _ in sending.values())
+            if now + work > peak:
+                peak, peak_at = now + work, k
+            if isinstance(action, Compute):
+                for name in graphs.outputs[key]:
+                    if name not in inputs:
+                        held[(action.mb, name)] = nbytes_of(action.mb, name)
+            for name in reads:
+                if last.get((action.mb, name)) == k and name not in keep:
+                    if isinstance(action, Send):  # the pending send holds it until it is waited for
+                        sending[(action.mb, name)] = (held.get((action.mb, name), 0.0), released_at.get(k, len(actions)))
+                    held.pop((action.mb, name), None)
+            sending = {item: v for item, v in sending.items() if v[1] != k}  # waited for at this receive
+            now = sum(held.values()) + sum(posted.values()) + sum(b for b, _ in sending.values())
+            held_peak = max(held_peak, now)
+            if now > peak:
+                peak, peak_at = now, k
+        result.append(RankMemory(program.rank, peak, peak_at, held_peak, work_peak))
+    return result
