@@ -108,6 +108,7 @@ class CompiledMLIP(nn.Module):
             time_limit_s=opts.ilp_time_limit_s,
             memory_cap_bytes=cap,
             microbatches_in_flight=opts.microbatches,
+            replicate=opts.replicate,
         )
 
     def partition(self, batch: AtomsBatch):

@@ -166,6 +166,7 @@ def partition_report(partition) -> dict:
         "rank_memory_bytes": partition.rank_memory(),
         "nodes_moved_off_fold_chunk": partition.plan.placement.moved,
         "nodes_moved_to_later_phase": partition.plan.placement.rephased,
+        "replicated_on_readers": partition.replicas,
         "ilp": None
         if sol is None
         else {
@@ -199,6 +200,9 @@ def partition_markdown(report: dict) -> str:
             + " | ".join(f"{1e3 * s[p]:.3f}" for p in ("F", "G", "GG", "FB"))
             + f" | {recv} |"
         )
+    if report.get("replicated_on_readers"):
+        lines += ["", "Data-only values recomputed on the chunks that read them instead of being sent (`replicate`):", ""]
+        lines += [f"- {name}: chunks {', '.join(map(str, chunks))}" for name, chunks in sorted(report["replicated_on_readers"].items())]
     lines += ["", "| rank | parameters+optimizer (MB) | stash per micro-batch (MB) |", "|---|---|---|"]
     for r, mem in enumerate(report["rank_memory_bytes"]):
         lines.append(f"| {r} | {mem['params'] / 1e6:.3f} | {mem['stash_per_microbatch'] / 1e6:.3f} |")

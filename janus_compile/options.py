@@ -9,6 +9,7 @@ from .errors import JanusError
 
 SCHEDULES = ("wavek", "1f1b", "hanayo", "gpipe")
 PARTITIONS = ("symfold", "even", "unfolded")
+REPLICATE = ("auto", "always", "never")
 
 
 class OptionsError(JanusError, ValueError):
@@ -17,7 +18,7 @@ class OptionsError(JanusError, ValueError):
 
 @dataclass
 class JanusOptions:
-    """What the user can set; see docs/usage.md.
+    """What the user can set; the README's options table says what each means.
 
     stages (P), chunks per stage (K) and microbatches (M) describe the pipeline;
     ``data_parallel`` (replicas, each with its own M micro-batches) and
@@ -33,6 +34,7 @@ class JanusOptions:
     graph_parallel: int = 1
     schedule: str = "wavek"
     partition: str = "symfold"
+    replicate: str = "auto"  # recompute geometry on the chunks that read it: auto / always / never
     ilp_time_limit_s: float = 30.0
     memory_cap_gb: Optional[float] = None
     calibrate: bool = True
@@ -60,6 +62,8 @@ class JanusOptions:
             raise OptionsError(f"option 'partition' must be one of {PARTITIONS}, got {self.partition!r}")
         if self.partition == "unfolded" and self.chunks != 1:
             raise OptionsError("partition='unfolded' (the 1F1B baseline) has one chunk per stage: set chunks=1")
+        if self.replicate not in REPLICATE:
+            raise OptionsError(f"option 'replicate' must be one of {REPLICATE}, got {self.replicate!r}")
         if self.ilp_time_limit_s <= 0:
             raise OptionsError(f"option 'ilp_time_limit_s' must be positive, got {self.ilp_time_limit_s!r}")
         if self.schedule not in SCHEDULES:

@@ -22,7 +22,8 @@ import torch.fx as fx
 
 from .cost import graph_costs
 from .labels import PHASE, PHASES, compute_nodes
-from .split import FOLDED, UNFOLDED, PhaseLayout, SplitPlan, split_graph
+from .replicate import choose_replicated, replicate_on_readers
+from .split import FOLDED, UNFOLDED, PhaseLayout, SplitPlan, place_nodes, split_graph
 from .symfold_ilp import (
     PartitionError,
     PartitionProblem,
@@ -58,6 +59,7 @@ class Partition:
     param_bytes: Dict[str, float]
     solution: Optional[PartitionSolution] = None
     chunk_of_unit: Optional[List[int]] = None
+    replicas: Dict[str, List[int]] = field(default_factory=dict)  # original value -> chunks computing a copy
 
     @property
     def num_chunks(self) -> int:
@@ -169,9 +171,11 @@ def build_problem(
     param_bytes: Mapping[str, float],
     stages: int,
     chunks: int,
+    not_sent: Optional[set] = None,
     **ilp_options,
 ) -> PartitionProblem:
-    """Per-unit folded costs, memory and boundary bytes: the ILP's input."""
+    """Per-unit folded costs, memory and boundary bytes: the ILP's input. Values in
+    ``not_sent`` (replicated on their readers) cost no transfer."""
     cost = [{p: 0.0 for p in PHASES} for _ in units.names]
     params: List[set] = [set() for _ in units.names]
     stash = [0.0] * len(units.names)
@@ -189,7 +193,10 @@ def build_problem(
     unit_list = [
         Unit(name, cost[u], sum(param_bytes[p] for p in params[u]), stash[u]) for u, name in enumerate(units.names)
     ]
-    edges = [UnitEdge(a, b, sum(out_bytes.get(n, 0.0) for n in names)) for (a, b), names in sorted(units.edges.items())]
+    skip = not_sent or set()
+    edges = [
+        UnitEdge(a, b, sum(out_bytes.get(n, 0.0) for n in names if n not in skip)) for (a, b), names in sorted(units.edges.items())
+    ]
     return PartitionProblem(unit_list, edges, stages, chunks, **ilp_options)
 
 
@@ -249,12 +256,16 @@ def partition_graph(
     node_times: Optional[Mapping[str, float]] = None,
     sizes: Optional[Sizes] = None,
     lp_path: Optional[str] = None,
+    replicate: str = "auto",
     **ilp_options,
 ) -> Partition:
     """Cut a joint graph into ``stages × chunks`` chunks by ``method`` and split it.
 
     ``node_times`` are seconds per node for one micro-batch (from a calibrated
     `CostModel`); without them, FLOPs + bytes at ``sizes`` stand in (uncalibrated).
+    ``replicate`` (folded methods): recompute data-only forward values such as geometry on
+    the chunks that read them instead of sending them (`passes/replicate.py`): ``auto``
+    where that is cheaper than the transfer, ``always``, or ``never``.
     """
     if method not in METHODS:
         raise PartitionError(f"unknown partition method {method!r}; choose one of {METHODS}")
@@ -277,6 +288,11 @@ def partition_graph(
             f"{len(units.names)} units even at module depth {units.depth}: use fewer stages or "
             "chunks, or a model with more layers"
         )
+    replicated: set = set()
+    if method != "unfolded":
+        bandwidth = ilp_options.get("bandwidth_bytes_per_s", PartitionProblem.bandwidth_bytes_per_s)
+        replicated = choose_replicated(graph, node_times, out_bytes, bandwidth, replicate)
+    ilp_options = {**ilp_options, "not_sent": replicated} if replicated else ilp_options
     problem = build_problem(graph, units, node_times, out_bytes, param_bytes, stages, chunks if method != "unfolded" else 1, **ilp_options)
     solution = None
     chunk_of_unit: Optional[List[int]] = None
@@ -307,14 +323,26 @@ def partition_graph(
                 if candidate.objective < solution.objective:
                     units, problem, solution = cut, cut_problem, candidate
         chunk_of_unit = solution.chunk_of_unit
-        plan = split_graph(gm, units, chunk_of_unit, V, FOLDED)
     elif method == "even":
         solution = even_partition(problem)
         chunk_of_unit = solution.chunk_of_unit
-        plan = split_graph(gm, units, chunk_of_unit, V, FOLDED)
+    replicas: Dict[str, List[int]] = {}
+    if method != "unfolded":
+        pinned = None
+        if replicated and V > 1:
+            chunk_of = place_nodes(graph, units, chunk_of_unit, FOLDED).chunk
+            gm, pinned, original = replicate_on_readers(gm, replicated, chunk_of)
+            node_times = {**node_times, **{c: node_times.get(o, 0.0) for c, o in original.items()}}
+            out_bytes = {**out_bytes, **{c: out_bytes.get(o, 0.0) for c, o in original.items()}}
+            for copy, orig in original.items():
+                replicas.setdefault(orig, []).append(pinned[copy])
+        plan = split_graph(gm, units, chunk_of_unit, V, FOLDED, chunk_override=pinned)
     else:
         override = _unfolded_override(graph, units, problem, stages)
         plan = split_graph(gm, units, [0] * len(units.names), stages, UNFOLDED, chunk_override=override)
-    part = Partition(method, stages, chunks if method != "unfolded" else 1, units, plan, problem, dict(node_times), out_bytes, param_bytes, solution, chunk_of_unit)
+    part = Partition(
+        method, stages, chunks if method != "unfolded" else 1, units, plan, problem, dict(node_times), out_bytes, param_bytes,
+        solution, chunk_of_unit, replicas,
+    )
     log.info("%s partition: P=%d K=%d, max/mean rank time %.3f", method, stages, part.chunks, part.imbalance())
     return part
