@@ -81,7 +81,17 @@ def test_split_reproduces_eager(name, stages, chunks):
     assert {k[0] for k in part.plan.groups} == set(range(stages * chunks))
 
 
-@pytest.mark.parametrize("stages,chunks", [(2, 1), (4, 1), (2, 2), pytest.param(4, 2, marks=pytest.mark.slow), pytest.param(8, 1, marks=pytest.mark.slow)])
+NEQUIP_FAST = {(2, 1), (4, 1), (2, 2)}
+
+
+@pytest.mark.parametrize(
+    "stages,chunks",
+    [
+        pytest.param(p, k, marks=() if (p, k) in NEQUIP_FAST else pytest.mark.slow)
+        for p in (1, 2, 3, 4, 8)
+        for k in (1, 2)
+    ],
+)
 def test_split_reproduces_eager_nequip(stages, chunks):
     check_fold_and_directions(check_split_exact("nequip", stages, chunks))
 
