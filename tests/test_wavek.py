@@ -312,3 +312,40 @@ def test_stash_budget_bounds_memory_not_the_micro_batch_count():
     assert found["wavek_cap"] > P  # the budget was used for more micro-batches in flight
     tiny = make_programs(dag, "wavek", stash_budget_bytes=1.0).meta
     assert max(tiny["simulated"]["peak_in_flight"]) <= P
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "wavek"])
+def test_send_releases_wait_only_for_sends_the_peer_has_received(schedule):
+    """A send is waited for only after a receive whose sender had already received it."""
+    from janus_compile.runtime.program import send_releases
+
+    layout = "unfolded" if schedule == "1f1b" else "folded"
+    dag = PipelineDAG.synthetic(3, 1, 6, layout=layout)
+    programs = make_programs(dag, schedule)
+    # n-th message on each channel: index of the send at the source, of the receive at the destination
+    sends, recvs = {}, {}
+    for prog in programs.programs:
+        count = Counter()
+        for k, a in enumerate(prog.actions):
+            if isinstance(a, Send):
+                sends[(prog.rank, a.dst, count[(prog.rank, a.dst)])] = k
+                count[(prog.rank, a.dst)] += 1
+            elif isinstance(a, Recv):
+                recvs[(a.src, prog.rank, count[(a.src, prog.rank)])] = k
+                count[(a.src, prog.rank)] += 1
+    released = 0
+    for prog in programs.programs:
+        rank = prog.rank
+        for recv_index, send_indices in send_releases(programs, rank).items():
+            answer = prog.actions[recv_index]
+            assert isinstance(answer, Recv)
+            # which message is this receive, and where did its sender send it
+            n = sum(1 for a in prog.actions[:recv_index] if isinstance(a, Recv) and a.src == answer.src)
+            answered_at = sends[(answer.src, rank, n)]
+            for s in send_indices:
+                sent = prog.actions[s]
+                assert isinstance(sent, Send) and sent.dst == answer.src and s < recv_index
+                m = sum(1 for a in prog.actions[:s] if isinstance(a, Send) and a.dst == sent.dst)
+                assert recvs[(rank, sent.dst, m)] < answered_at, "the peer answered before it had received"
+                released += 1
+    assert released > 0
