@@ -292,8 +292,9 @@ def partition_graph(
     if method != "unfolded":
         bandwidth = ilp_options.get("bandwidth_bytes_per_s", PartitionProblem.bandwidth_bytes_per_s)
         replicated = choose_replicated(graph, node_times, out_bytes, bandwidth, replicate)
-    ilp_options = {**ilp_options, "not_sent": replicated} if replicated else ilp_options
-    problem = build_problem(graph, units, node_times, out_bytes, param_bytes, stages, chunks if method != "unfolded" else 1, **ilp_options)
+    problem = build_problem(
+        graph, units, node_times, out_bytes, param_bytes, stages, chunks if method != "unfolded" else 1, not_sent=replicated, **ilp_options
+    )
     solution = None
     chunk_of_unit: Optional[List[int]] = None
     if method == "symfold":
@@ -306,7 +307,7 @@ def partition_graph(
             finer = build_units(graph, min_units=1, min_depth=depth, max_depth=depth)
             if len(finer.names) <= len(units.names):
                 continue
-            finer_problem = build_problem(graph, finer, node_times, out_bytes, param_bytes, stages, chunks, **ilp_options)
+            finer_problem = build_problem(graph, finer, node_times, out_bytes, param_bytes, stages, chunks, not_sent=replicated, **ilp_options)
             candidate = solve_partition(finer_problem, lp_path=lp_path)
             log.info("units at depth %d: %d units, max/mean %.3f (was %.3f)", depth, len(finer.names), candidate.imbalance, solution.imbalance)
             if candidate.objective < solution.objective:
@@ -317,7 +318,7 @@ def partition_graph(
             share = sum(u.total_cost() for u in problem.units) / V
             cut = segment_units(graph, units, node_times, out_bytes, share)
             if len(cut.names) > len(units.names):
-                cut_problem = build_problem(graph, cut, node_times, out_bytes, param_bytes, stages, chunks, **ilp_options)
+                cut_problem = build_problem(graph, cut, node_times, out_bytes, param_bytes, stages, chunks, not_sent=replicated, **ilp_options)
                 candidate = solve_partition(cut_problem, lp_path=lp_path)
                 log.info("segmented units: %d units, max/mean %.3f (was %.3f)", len(cut.names), candidate.imbalance, solution.imbalance)
                 if candidate.objective < solution.objective:

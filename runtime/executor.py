@@ -13,9 +13,10 @@ carried out over torch.distributed point-to-point (gloo on CPU, NCCL on CUDA).
   order; the program validator guarantees both sides agree on that order.
 - Sends are asynchronous (``isend``) and overlap the following computation. A pending
   send keeps its tensor alive, and gloo reports a send complete only once it is waited
-  for, so each send is waited for right after the first receive that proves it arrived
-  (`program.send_releases`: the peer answered after receiving it), which returns at once;
-  sends with no such answer are waited for at the end of the step.
+  for (polling ``is_completed`` never frees anything), so each send is waited for right
+  after the first receive that proves it arrived (`program.send_releases`: the peer
+  answered after receiving it), which returns at once; sends with no such answer are
+  waited for at the end of the step.
 - Receives are posted ahead (``irecv``): when a compute starts, every receive up to the
   compute after next is already posted, so its transfer runs while this rank computes;
   the program's Recv action only waits for it. Posting in program order keeps the tags
@@ -183,7 +184,7 @@ class RankExecutor:
         (the gradient sync uses it to start reducing gradients that are final)."""
         envs: List[Dict[str, Any]] = [dict(zip(self.graphs.input_names, flat)) for flat in microbatch_inputs]
         channel_tag: Dict[Tuple[int, int], int] = {}
-        pending: Dict[int, List[Any]] = {}  # Send action index -> its unfinished works
+        pending: Dict[int, List[Any]] = {}  # Send action index -> its works, not yet waited for
         actions = self.program.actions
         posted: Dict[int, List[Tuple[str, torch.Tensor, Any]]] = {}  # Recv index -> (name, buffer, work)
         next_post = 0  # actions before this index have had their receives posted
@@ -249,8 +250,6 @@ class RankExecutor:
             else:  # pragma: no cover - the IR has no other actions
                 raise TypeError(f"unknown action {action!r}")
             self._free(envs, action, k)
-            if pending:
-                pending = {i: ws for i, ws in ((i, self._release_finished(ws)) for i, ws in pending.items()) if ws}
             if trace:
                 event = {"name": name, "ph": "X", "pid": self.rank, "tid": 0, "ts": (start - t0) * 1e6, "dur": (time.perf_counter() - start) * 1e6}
                 if isinstance(action, Compute):
@@ -266,20 +265,6 @@ class RankExecutor:
                 w.wait()
         except RuntimeError as exc:
             raise RankLostError(f"rank {self.world_rank}: a send did not complete (peer lost or timed out): {exc}") from exc
-
-    def _release_finished(self, pending: List[Any]) -> List[Any]:
-        """Drop sends that report completion (NCCL does; gloo only once waited for): a
-        pending work keeps its tensor alive."""
-        keep = []
-        for w in pending:
-            if not w.is_completed():
-                keep.append(w)
-                continue
-            try:
-                w.wait()  # returns at once; raises if the send failed
-            except RuntimeError as exc:
-                raise RankLostError(f"rank {self.world_rank}: a send failed (peer lost or timed out): {exc}") from exc
-        return keep
 
     def _world(self, pipeline_rank: int) -> int:
         return self.peers[pipeline_rank] if self.peers is not None else pipeline_rank
