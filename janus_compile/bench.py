@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("1f1b", "hanayo", "wavek", "gpipe")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from .passes.symfold_ilp import OPTIMIZER_COPIES
+
 PAPER_RATIOS = {"wavek/1f1b": 1.51, "wavek/hanayo": 1.45}  # 32 GPUs, averaged (abstract)
 SIM_UNITS_PER_CHUNK = 1.5  # a simulated model gets at least this many units per chunk
 MAX_SIM_LAYERS = 64
@@ -73,9 +75,10 @@ class BenchConfig:
     sim_factors: List[int] = field(default_factory=lambda: [1, 2, 4])  # M = factor × P
     sim_chunks: List[int] = field(default_factory=lambda: [1, 2])  # K tried for wavek (best kept)
     sim_ilp_time_s: float = 5.0
-    # WaveK's memory limit in the simulator: "count" = at most P micro-batches in flight;
-    # "1f1b" = the peak stash 1F1B itself uses (equal memory; caps P..2P searched)
-    wavek_memory: str = "count"
+    # WaveK's memory limit: "1f1b" = the peak memory 1F1B itself uses on its worst rank
+    # (replayed by passes/memory.py: equal memory, in-flight caps up to 2P searched);
+    # "count" = at most P micro-batches in flight per rank
+    wavek_memory: str = "1f1b"
     sim_bandwidth_gbs: float = 25.0
     sim_latency_us: float = 20.0
     timeout_s: float = 600.0
@@ -275,11 +278,16 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
         batch = _batch(cfg, structures[: M * S])
         trainers: Dict[str, Any] = {}
         build_s: Dict[str, float] = {}
-        for sched in cfg.schedules:
+        # 1F1B first: with wavek_memory="1f1b" its replayed peak is WaveK's memory cap
+        for sched in sorted(cfg.schedules, key=lambda s: s != "1f1b"):
             t0 = time.perf_counter()
             model = build_bench_model(cfg.model, cfg.hidden, cfg.layers, cfg.cutoff, cfg.dtype, cfg.seed)
             chunks = 1 if sched == "1f1b" else cfg.chunks
-            extra = {"dump_dir": os.path.join(cfg.dump_dir, f"{sched}-M{M}")} if cfg.dump_dir else {}
+            extra: Dict[str, Any] = {"dump_dir": os.path.join(cfg.dump_dir, f"{sched}-M{M}")} if cfg.dump_dir else {}
+            if sched == "wavek" and cfg.wavek_memory == "1f1b" and "1f1b" in trainers:
+                # the trainer's cap counts parameters, gradients and Adam moments on top of the replay
+                state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+                extra["memory_cap_gb"] = (max(replayed_peaks(trainers["1f1b"], batch)) + state) / 1e9
             trainers[sched] = PipelineTrainer(
                 model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s, **extra
             )
@@ -360,6 +368,8 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "measured_peak_rss_mb": [max(col) for col in zip(*rss)] if rss else None,
                 "measured_rss_growth_mb": [max(col) for col in zip(*growth)] if growth else None,
                 "wavek_rule": tr.programs.meta.get("wavek_rule"),
+                "wavek_cap": tr.programs.meta.get("wavek_cap"),
+                "memory_cap_gb": tr.compiled.options.memory_cap_gb,
                 "runs": runs[sched],
             }
         thr = {s: per[s]["structures_per_s"] for s in per}
@@ -421,12 +431,23 @@ def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[A
 
 
 def _sim_schedules(
-    dag_of: Dict[Tuple[str, int], Any], schedules: Sequence[str], sim_chunks: Sequence[int], wavek_memory: str = "count"
+    parts: Dict[Tuple[str, int], Any],
+    dag_of: Dict[Tuple[str, int], Any],
+    schedules: Sequence[str],
+    sim_chunks: Sequence[int],
+    sizes: Mapping[str, int],
+    wavek_memory: str = "1f1b",
 ) -> Dict[str, Any]:
+    """Schedule and simulate every schedule on its partition; memory per rank is the
+    replayed peak of its programs (`passes.memory.program_memory`) at the micro-batch's
+    sizes. With ``wavek_memory="1f1b"`` WaveK's budget is 1F1B's worst rank."""
+    from .passes.memory import MemoryReplay
     from .passes.wavek import make_programs
+    from .runtime.executor import StageGraphs
 
+    replays = {key: MemoryReplay(StageGraphs.from_plan(p.plan)) for key, p in parts.items()}
     res: Dict[str, Any] = {}
-    # 1F1B first: with wavek_memory="1f1b" its peak stash is WaveK's memory budget
+    # 1F1B first: with wavek_memory="1f1b" its replayed peak is WaveK's memory budget
     for sched in sorted(schedules, key=lambda s: s != "1f1b"):
         if sched == "1f1b":
             keys = [("unfolded", 1)]
@@ -441,14 +462,22 @@ def _sim_schedules(
             dag = dag_of.get(key)
             if dag is None:
                 continue
+            msz = [dict(sizes)] * dag.microbatches
+
+            def memory_of(programs: Any, replay: Any = replays[key], msz: Any = msz) -> List[float]:
+                return replay.peaks(programs, msz)
+
             kw: Dict[str, Any] = {}
             if sched == "wavek" and wavek_memory == "1f1b" and "1f1b" in res:
-                kw["stash_budget_bytes"] = res["1f1b"]["peak_stash_bytes"]
-            sim = make_programs(dag, sched, **kw).meta["simulated"]
+                kw = {"memory_budget_bytes": res["1f1b"]["peak_memory_bytes"], "memory_of": memory_of}
+            programs = make_programs(dag, sched, **kw)
+            sim = programs.meta["simulated"]
             cand = {
                 "chunks": key[1], "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"],
                 "bubble_fraction": sim["bubble_fraction"], "peak_in_flight": max(sim["peak_in_flight"]),
                 "peak_stash_bytes": max(sim["peak_stash_bytes"], default=0.0),
+                "peak_memory_bytes": max(programs.meta.get("wavek_memory_bytes") or memory_of(programs)),
+                "wavek_cap": programs.meta.get("wavek_cap"),
             }
             if best is None or cand["makespan_s"] < best["makespan_s"]:
                 best = cand
@@ -464,7 +493,9 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
 
     S = cfg.mb_structures
     structures = bench_structures(cfg, 3 * S)
-    mbs = [_batch(cfg, structures[:S]), _batch(cfg, structures[S : 3 * S])]
+    # calibrate on two sizes; a one-structure micro-batch is captured for exactly one
+    # structure (a size guard), so its second size is another structure, not two
+    mbs = [_batch(cfg, structures[:S]), _batch(cfg, structures[S : 3 * S] if S > 1 else structures[1:2])]
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     bandwidth, latency = cfg.sim_bandwidth_gbs * 1e9, cfg.sim_latency_us * 1e-6
@@ -511,7 +542,7 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
             for f in cfg.sim_factors:
                 M = f * P
                 dags = {k: PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency) for k, p in parts.items()}
-                res = _sim_schedules(dags, cfg.schedules, cfg.sim_chunks, cfg.wavek_memory)
+                res = _sim_schedules(parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.wavek_memory)
                 thr = {s: M * S / r["makespan_s"] for s, r in res.items()}
                 row = {
                     "model": name,
@@ -592,18 +623,23 @@ def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:+.0f}%"
 
 
-def estimated_training_growth(trainer: Any, batch: Any) -> List[float]:
-    """Bytes per rank that a training step adds on top of the loaded worker: the program's
-    replayed peak (`passes.memory.program_memory`) plus the summed gradients and the two Adam
-    moments, which every rank holds for every parameter (parameters are replicated)."""
+def replayed_peaks(trainer: Any, batch: Any) -> List[float]:
+    """Peak bytes per rank of the trainer's programs on ``batch``, replayed
+    (`passes.memory.program_memory`: held values, posted receives, working sets)."""
     from .compiled import size_values_from_batch
     from .data import split_microbatches
     from .passes.memory import program_memory
 
     sizes = [size_values_from_batch(mb) for mb in split_microbatches(batch, trainer.microbatches)]
-    peaks = program_memory(trainer.graphs, trainer.programs, sizes)
+    return [m.peak_bytes for m in program_memory(trainer.graphs, trainer.programs, sizes)]
+
+
+def estimated_training_growth(trainer: Any, batch: Any) -> List[float]:
+    """Bytes per rank that a training step adds on top of the loaded worker: the program's
+    replayed peak plus the summed gradients and the two Adam moments, which every rank
+    holds for every parameter (parameters are replicated)."""
     state = 3 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-    return [m.peak_bytes + state for m in peaks]
+    return [b + state for b in replayed_peaks(trainer, batch)]
 
 
 def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
@@ -635,6 +671,12 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"| {max(r['est_memory_per_rank_mb']):.2f} | {_fmt(max(est) if est else None, '.0f')} | {rss_txt} | {ratio} |"
             )
         ra, sr = e["ratios"], e["sim_ratios"]
+        wk = e["schedules"].get("wavek")
+        if wk and wk.get("memory_cap_gb"):
+            lines.append(
+                f"\nWaveK ran at 1F1B's memory: cap {wk['memory_cap_gb']:.3g} GB per rank (1F1B's replayed peak plus "
+                f"parameters, gradients and Adam moments), in-flight cap {_cap_text(wk.get('wavek_cap'))}."
+            )
         lines.append(
             f"\nmeasured: wavek/1f1b **{_fmt(ra['wavek/1f1b'])}×**, wavek/hanayo **{_fmt(ra['wavek/hanayo'])}×**, "
             f"wavek/gpipe {_fmt(ra['wavek/gpipe'])}×; simulated: wavek/1f1b {_fmt(sr['wavek/1f1b'])}×, "
@@ -643,10 +685,28 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _cap_text(cap: Any) -> str:
+    """A WaveK cap for a table: the number, or min–max when it differs per rank."""
+    if cap is None:
+        return "n/a"
+    if isinstance(cap, list):
+        return f"{min(cap)}–{max(cap)}"
+    return str(cap)
+
+
+def _memory_ratio(row: Mapping[str, Any]) -> Optional[float]:
+    sch = row["schedules"]
+    a, b = sch.get("wavek", {}).get("peak_memory_bytes"), sch.get("1f1b", {}).get("peak_memory_bytes")
+    return a / b if a and b else None
+
+
 def markdown_sim(sim: Dict[str, Any]) -> str:
     rows = sim["rows"]
     scheds = [s for s in SCHEDULES if any(s in r["schedules"] for r in rows)]
-    head = "| model | blocks | P | M | " + " | ".join(f"{s} str/s" for s in scheds) + " | wavek K | wavek/1f1b | wavek/hanayo | wavek eff. |"
+    head = (
+        "| model | blocks | P | M | " + " | ".join(f"{s} str/s" for s in scheds)
+        + " | wavek K | wavek cap | wavek mem / 1f1b mem | wavek/1f1b | wavek/hanayo | wavek eff. |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         thr = r["structures_per_s"]
@@ -654,7 +714,8 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['stages']} | {r['microbatches']} | "
             + " | ".join(_fmt(thr.get(s), ".1f") for s in scheds)
-            + f" | {wk.get('chunks', 'n/a')} | {_fmt(r['ratios']['wavek/1f1b'])} | {_fmt(r['ratios']['wavek/hanayo'])} | {_fmt(r['wavek_efficiency'])} |"
+            + f" | {wk.get('chunks', 'n/a')} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(_memory_ratio(r))} "
+            + f"| {_fmt(r['ratios']['wavek/1f1b'])} | {_fmt(r['ratios']['wavek/hanayo'])} | {_fmt(r['wavek_efficiency'])} |"
         )
     lines += ["", "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency |", "|---|---|---|---|---|"]
     for a in sim["averages"]:
@@ -776,8 +837,9 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
     p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")
     p.add_argument(
-        "--wavek-memory", choices=["count", "1f1b"], default="count",
-        help="simulated WaveK's memory limit: at most P micro-batches in flight (default), or 1F1B's own peak stash (equal memory)",
+        "--wavek-memory", choices=["count", "1f1b"], default="1f1b",
+        help="WaveK's memory limit, real and simulated: 1F1B's own replayed peak per rank (default: equal memory, "
+        "in-flight caps up to 2P searched), or at most P micro-batches in flight",
     )
 
 

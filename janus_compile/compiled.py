@@ -107,7 +107,7 @@ class CompiledMLIP(nn.Module):
             sizes=sizes,
             time_limit_s=opts.ilp_time_limit_s,
             memory_cap_bytes=cap,
-            microbatches_in_flight=opts.microbatches,
+            microbatches_in_flight=opts.microbatches_in_flight,
             replicate=opts.replicate,
         )
 

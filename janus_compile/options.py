@@ -36,7 +36,8 @@ class JanusOptions:
     partition: str = "symfold"
     replicate: str = "auto"  # recompute geometry on the chunks that read it: auto / always / never
     ilp_time_limit_s: float = 30.0
-    memory_cap_gb: Optional[float] = None
+    memory_cap_gb: Optional[float] = None  # per rank: bounds the ILP and WaveK's in-flight search
+    max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; 2P with a memory cap)
     calibrate: bool = True
     dump_dir: Optional[str] = None
 
@@ -66,12 +67,24 @@ class JanusOptions:
             raise OptionsError(f"option 'replicate' must be one of {REPLICATE}, got {self.replicate!r}")
         if self.ilp_time_limit_s <= 0:
             raise OptionsError(f"option 'ilp_time_limit_s' must be positive, got {self.ilp_time_limit_s!r}")
+        if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):
+            raise OptionsError(f"option 'max_in_flight' must be a positive integer or None, got {self.max_in_flight!r}")
+        if self.memory_cap_gb is not None and not self.memory_cap_gb > 0:
+            raise OptionsError(f"option 'memory_cap_gb' must be positive (GB per rank), got {self.memory_cap_gb!r}")
         if self.schedule not in SCHEDULES:
             raise OptionsError(f"option 'schedule' must be one of {SCHEDULES}, got {self.schedule!r}")
 
     @property
     def pipelined(self) -> bool:
         return self.stages * self.chunks > 1
+
+    @property
+    def microbatches_in_flight(self) -> int:
+        """What a rank holds at once, for the partitioner's memory estimate: every
+        micro-batch under GPipe, otherwise the in-flight cap (P unless set)."""
+        if self.schedule == "gpipe":
+            return self.microbatches
+        return min(self.microbatches, self.max_in_flight or self.stages)
 
     @property
     def world_size(self) -> int:

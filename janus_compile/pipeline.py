@@ -266,9 +266,11 @@ class PipelineTrainer:
         self.joint = self.compiled.joint_graph(example_mb)
         self.partition = self.compiled.partition(example_mb)
         self.dag = PipelineDAG.from_partition(self.partition, microbatches)
-        programs = make_programs(self.dag, schedule)  # validated: deadlock-free
+        graphs = StageGraphs.from_plan(self.partition.plan)
+        limits = self._wavek_limits(graphs, example_batch) if schedule == "wavek" else {}
+        programs = make_programs(self.dag, schedule, **limits)  # validated: deadlock-free
         return {
-            "graphs": StageGraphs.from_plan(self.partition.plan),
+            "graphs": graphs,
             "programs": programs.to_json(),
             "guards": self.joint.guards,
             "joint": {
@@ -280,6 +282,37 @@ class PipelineTrainer:
             },
             "dump_dir": self.compiled.options.dump_dir,
         }
+
+    def _wavek_limits(self, graphs: StageGraphs, example_batch: AtomsBatch) -> Dict[str, Any]:
+        """WaveK's in-flight limit from the options: ``max_in_flight`` (a count) and/or
+        ``memory_cap_gb`` (bytes per rank: the replayed peak of a rank's program, at the
+        example's micro-batch sizes, plus the parameters, gradients and Adam moments that
+        every rank holds), so the search keeps the fastest schedule that fits."""
+        from .passes.memory import MemoryReplay
+        from .passes.symfold_ilp import OPTIMIZER_COPIES
+
+        opts = self.compiled.options
+        limits: Dict[str, Any] = {}
+        if opts.max_in_flight is not None:
+            limits["max_in_flight"] = opts.max_in_flight
+        if opts.memory_cap_gb is None:
+            return limits
+        state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in self.model.parameters())
+        budget = opts.memory_cap_gb * 1e9 - state
+        if budget <= 0:
+            raise ValueError(
+                f"memory_cap_gb={opts.memory_cap_gb} is below the {state / 1e9:.3g} GB that parameters, gradients and "
+                "Adam moments take on every rank: raise the cap"
+            )
+        mbs = local_microbatches(example_batch, self.microbatches, 0, self.data_parallel, 0, 1)
+        sizes = [size_values_from_batch(mb) for mb in mbs]
+        replay = MemoryReplay(graphs)
+        limits.update(
+            memory_budget_bytes=budget,
+            memory_of=lambda programs: replay.peaks(programs, sizes),
+            strict=True,
+        )
+        return limits
 
     @property
     def world_size(self) -> int:

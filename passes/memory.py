@@ -24,7 +24,7 @@ import sympy
 import torch.fx as fx
 
 from janus_compile.runtime.executor import StageGraphs, last_uses, prefetch_limits
-from janus_compile.runtime.program import Compute, ProgramSet, Recv, Send, send_releases
+from janus_compile.runtime.program import Compute, ProgramSet, Recv, Send
 
 from .cost import VIEW_OPS, _subs, nbytes, op_name
 
@@ -131,75 +131,120 @@ def _value_bytes(graphs: StageGraphs) -> Dict[str, object]:
     return out
 
 
+class MemoryReplay:
+    """Replays programs over one set of split graphs; reusable, so that a schedule search
+    can measure many candidate program sets while sizes and working sets are worked out
+    once (`program_memory` is the one-shot form)."""
+
+    def __init__(self, graphs: StageGraphs) -> None:
+        self.graphs = graphs
+        self._workspaces: Dict[Tuple[int, str], _GroupWorkspace] = {}
+        self._exprs = _value_bytes(graphs)
+        self._inputs = set(graphs.input_names)
+        self._keep = {a for a in graphs.output_args if isinstance(a, str)}
+        self._bytes: Dict[Tuple[Tuple[Tuple[str, int], ...], str], float] = {}
+
+    def _workspace(self, key: Tuple[int, str]) -> _GroupWorkspace:
+        if key not in self._workspaces:
+            self._workspaces[key] = _GroupWorkspace(self.graphs.groups[key])
+        return self._workspaces[key]
+
+    def __call__(self, programs: ProgramSet, microbatch_sizes: Sequence[Sizes]) -> List[RankMemory]:
+        """Peak bytes of every rank running ``programs`` on micro-batches of
+        ``microbatch_sizes`` (``atoms``, ``edges``, ``structures`` per micro-batch)."""
+        from janus_compile.runtime.program import all_send_releases
+
+        graphs, inputs, keep = self.graphs, self._inputs, self._keep
+        size_keys = [tuple(sorted(s.items())) for s in microbatch_sizes]
+        cache, exprs = self._bytes, self._exprs
+
+        def nbytes_of(mb: int, name: str) -> float:
+            key = (size_keys[mb], name)
+            value = cache.get(key)
+            if value is None:
+                value = cache[key] = _float(exprs.get(name, 0), microbatch_sizes[mb])
+            return value
+
+        releases = all_send_releases(programs)
+        result = []
+        for program in programs.programs:
+            actions = program.actions
+            last = last_uses(graphs, program)
+            limits = prefetch_limits(program)
+            released_at = {snd: r for r, sends in releases[program.rank].items() for snd in sends}
+            held: Dict[Tuple[int, str], float] = {}
+            # sent, not yet waited for: item -> bytes, grouped by the action that waits for it
+            sending: Dict[Tuple[int, str], float] = {}
+            waits: Dict[int, List[Tuple[int, str]]] = {}
+            posted: Dict[int, float] = {}  # Recv index -> bytes of its buffers, once posted
+            totals = [0.0, 0.0, 0.0]  # held, posted, sending
+            next_post = 0
+            peak = held_peak = work_peak = 0.0
+            peak_at = 0
+
+            def hold(item: Tuple[int, str], b: float) -> None:
+                totals[0] += b - held.get(item, 0.0)
+                held[item] = b
+
+            def post_until(limit: int) -> None:
+                nonlocal next_post
+                while next_post <= min(limit, len(actions) - 1):
+                    a = actions[next_post]
+                    if isinstance(a, Recv):
+                        b = sum(nbytes_of(a.mb, t) for t in a.tensors)
+                        posted[next_post] = b
+                        totals[1] += b
+                    next_post += 1
+
+            for k, action in enumerate(actions):
+                work = 0.0
+                if isinstance(action, Compute):
+                    post_until(limits[k])
+                    key = (action.chunk, action.phase)
+                    work = self._workspace(key).peak(microbatch_sizes[action.mb])
+                    work_peak = max(work_peak, work)
+                    reads = graphs.inputs[key]
+                elif isinstance(action, Recv):
+                    post_until(k)
+                    totals[1] -= posted.pop(k, 0.0)
+                    for t in action.tensors:
+                        hold((action.mb, t), nbytes_of(action.mb, t))
+                    reads = ()
+                elif isinstance(action, Send):
+                    reads = action.tensors
+                else:
+                    continue
+                now = totals[0] + totals[1] + totals[2]
+                if now + work > peak:
+                    peak, peak_at = now + work, k
+                if isinstance(action, Compute):
+                    for name in graphs.outputs[key]:
+                        if name not in inputs:
+                            hold((action.mb, name), nbytes_of(action.mb, name))
+                for name in reads:
+                    item = (action.mb, name)
+                    if last.get(item) == k and name not in keep:
+                        if isinstance(action, Send):  # the pending send holds it until it is waited for
+                            b = held.get(item, 0.0)
+                            totals[2] += b - sending.get(item, 0.0)
+                            sending[item] = b
+                            waits.setdefault(released_at.get(k, len(actions)), []).append(item)
+                        totals[0] -= held.pop(item, 0.0)
+                for item in waits.pop(k, ()):  # waited for at this receive
+                    totals[2] -= sending.pop(item, 0.0)
+                now = totals[0] + totals[1] + totals[2]
+                held_peak = max(held_peak, now)
+                if now > peak:
+                    peak, peak_at = now, k
+            result.append(RankMemory(program.rank, peak, peak_at, held_peak, work_peak))
+        return result
+
+    def peaks(self, programs: ProgramSet, microbatch_sizes: Sequence[Sizes]) -> List[float]:
+        """Peak bytes per rank (the `RankMemory.peak_bytes` of each)."""
+        return [m.peak_bytes for m in self(programs, microbatch_sizes)]
+
+
 def program_memory(graphs: StageGraphs, programs: ProgramSet, microbatch_sizes: Sequence[Sizes]) -> List[RankMemory]:
     """Peak bytes of every rank running ``programs`` on micro-batches of ``microbatch_sizes``
     (``atoms``, ``edges``, ``structures`` per micro-batch), as the executor holds them."""
-    workspaces = {key: _GroupWorkspace(gm) for key, gm in graphs.groups.items()}
-    exprs = _value_bytes(graphs)
-    inputs = set(graphs.input_names)
-    keep = {a for a in graphs.output_args if isinstance(a, str)}
-    size_of: Dict[Tuple[int, str], float] = {}
-
-    def nbytes_of(mb: int, name: str) -> float:
-        if (mb, name) not in size_of:
-            size_of[(mb, name)] = _float(exprs.get(name, 0), microbatch_sizes[mb])
-        return size_of[(mb, name)]
-
-    result = []
-    for program in programs.programs:
-        actions = program.actions
-        last = last_uses(graphs, program)
-        limits = prefetch_limits(program)
-        released_at = {s: r for r, sends in send_releases(programs, program.rank).items() for s in sends}
-        held: Dict[Tuple[int, str], float] = {}
-        sending: Dict[Tuple[int, str], Tuple[float, int]] = {}  # sent, not yet waited for: (bytes, released at)
-        posted: Dict[int, float] = {}  # Recv index -> bytes of its buffers, once posted
-        next_post = 0
-        peak = held_peak = work_peak = 0.0
-        peak_at = 0
-
-        def post_until(limit: int) -> None:
-            nonlocal next_post
-            while next_post <= min(limit, len(actions) - 1):
-                a = actions[next_post]
-                if isinstance(a, Recv):
-                    posted[next_post] = sum(nbytes_of(a.mb, t) for t in a.tensors)
-                next_post += 1
-
-        for k, action in enumerate(actions):
-            work = 0.0
-            if isinstance(action, Compute):
-                post_until(limits[k])
-                key = (action.chunk, action.phase)
-                work = workspaces[key].peak(microbatch_sizes[action.mb])
-                work_peak = max(work_peak, work)
-                reads = graphs.inputs[key]
-            elif isinstance(action, Recv):
-                post_until(k)
-                posted.pop(k, None)
-                for t in action.tensors:
-                    held[(action.mb, t)] = nbytes_of(action.mb, t)
-                reads = ()
-            elif isinstance(action, Send):
-                reads = action.tensors
-            else:
-                continue
-            now = sum(held.values()) + sum(posted.values()) + sum(b for b, _ in sending.values())
-            if now + work > peak:
-                peak, peak_at = now + work, k
-            if isinstance(action, Compute):
-                for name in graphs.outputs[key]:
-                    if name not in inputs:
-                        held[(action.mb, name)] = nbytes_of(action.mb, name)
-            for name in reads:
-                if last.get((action.mb, name)) == k and name not in keep:
-                    if isinstance(action, Send):  # the pending send holds it until it is waited for
-                        sending[(action.mb, name)] = (held.get((action.mb, name), 0.0), released_at.get(k, len(actions)))
-                    held.pop((action.mb, name), None)
-            sending = {item: v for item, v in sending.items() if v[1] != k}  # waited for at this receive
-            now = sum(held.values()) + sum(posted.values()) + sum(b for b, _ in sending.values())
-            held_peak = max(held_peak, now)
-            if now > peak:
-                peak, peak_at = now, k
-        result.append(RankMemory(program.rank, peak, peak_at, held_peak, work_peak))
-    return result
+    return MemoryReplay(graphs)(programs, microbatch_sizes)

@@ -26,7 +26,7 @@ import logging
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from janus_compile.runtime.program import Compute, GradSync, OptimizerStep, ProgramSet, RankProgram, Recv, Send
 
@@ -462,19 +462,36 @@ def in_flight(orders: Orders) -> Dict[int, int]:
     return out
 
 
-def list_schedule(dag: PipelineDAG, cost: Mapping[GroupKey, float], rule: Any, cap: int) -> Orders:
+Cap = Union[int, Sequence[int]]
+
+
+def _rank_caps(cap: Cap, stages: int) -> List[int]:
+    """An in-flight cap as one number per rank (an int applies to every rank)."""
+    caps = [int(cap)] * stages if isinstance(cap, int) else [int(c) for c in cap]
+    if len(caps) != stages or min(caps) < 1:
+        raise ValueError(f"in-flight cap must be >= 1 on each of the {stages} ranks, got {cap}")
+    return caps
+
+
+def cap_label(cap: Cap) -> Union[int, List[int]]:
+    """JSON form of a cap: one number when every rank has the same."""
+    caps = [cap] if isinstance(cap, int) else list(cap)
+    return caps[0] if len(set(caps)) == 1 else caps
+
+
+def list_schedule(dag: PipelineDAG, cost: Mapping[GroupKey, float], rule: Any, cap: Cap) -> Orders:
     """Greedy list scheduling in simulated time; returns the per-rank task order.
 
     Whenever a rank is free it starts, among its tasks whose inputs have arrived, the one
     with the smallest priority key (``rule``: a name for `_priority`, or a function
     (group index, micro-batch) → key). A micro-batch is in flight on a rank from its
-    first task there until its last; at most ``cap`` are, and new ones are admitted in
-    micro-batch order (which also makes the greedy loop itself deadlock-free: the oldest
-    unfinished micro-batch can always proceed).
+    first task there until its last; at most ``cap`` are (one number, or one per rank:
+    ranks whose micro-batches take less memory can hold more of them), and new ones are
+    admitted in micro-batch order (which also makes the greedy loop itself
+    deadlock-free: the oldest unfinished micro-batch can always proceed).
     """
-    if cap < 1:
-        raise ValueError(f"in-flight cap must be >= 1, got {cap}")
     groups, M, P = dag.groups, dag.microbatches, dag.stages
+    caps = _rank_caps(cap, P)
     n = len(groups)
     gi = {g: i for i, g in enumerate(groups)}
     rank = [dag.rank(g) for g in groups]
@@ -502,7 +519,7 @@ def list_schedule(dag: PipelineDAG, cost: Mapping[GroupKey, float], rule: Any, c
     def decide(r: int) -> None:
         rd = ready[r]
         mbs = [m for m in inflight[r] if m in rd]
-        if len(inflight[r]) < cap and next_admit[r] in rd:
+        if len(inflight[r]) < caps[r] and next_admit[r] in rd:
             mbs.append(next_admit[r])
         version[r] += 1
         decision[r] = None
@@ -624,78 +641,154 @@ def evaluate_orders(dag: PipelineDAG, orders: Orders) -> float:
 class SearchResult:
     orders: Orders
     rule: str
-    cap: int
+    cap: Cap
     makespan: float
-    candidates: List[Tuple[str, int, float]]
+    candidates: List[Tuple[str, Any, float]]
+    memory_bytes: Optional[List[float]] = None  # per rank, when the search had a memory budget
+
+
+MemoryFn = Callable[[ProgramSet], Sequence[float]]
+
+
+def simulated_stash(dag: PipelineDAG) -> MemoryFn:
+    """Peak bytes per rank of the values held between groups, from the simulator (what a
+    DAG alone can tell; `passes.memory.program_memory` replays a rank's real graphs)."""
+    return lambda programs: simulate(programs, dag).peak_stash_bytes
+
+
+def _uniform_caps(P: int, top: int, budget: bool) -> List[int]:
+    if not budget:
+        return [top]
+    grid = {max(1, P // 2), max(1, (3 * P) // 4), P, (5 * P) // 4, (3 * P) // 2, 2 * P}
+    return sorted(c for c in grid if 1 <= c <= top)
+
+
+def _scaled_caps(
+    P: int, top: int, budget: float, points: Sequence[Tuple[Mapping[int, int], Sequence[float]]]
+) -> Optional[List[int]]:
+    """One cap per rank from two measured (in-flight per rank, bytes per rank) points: a
+    straight line per rank, solved for the budget. Ranks whose micro-batches are light
+    get more of them."""
+    if len(points) < 2:
+        return None
+    (f1, m1), (f2, m2) = points[0], points[1]
+    caps = []
+    for r in range(P):
+        if f1[r] != f2[r]:
+            slope = (m1[r] - m2[r]) / (f1[r] - f2[r])
+        else:
+            slope = m1[r] / max(1, f1[r])
+        if slope <= 0:
+            caps.append(top)
+            continue
+        base = m1[r] - slope * f1[r]
+        caps.append(int(min(top, max(1, math.floor((budget - base) / slope)))))
+    return caps
 
 
 def wavek_search(
     dag: PipelineDAG,
     max_in_flight: Optional[int] = None,
     rules: Sequence[str] = RULES,
-    caps: Optional[Sequence[int]] = None,
-    stash_budget_bytes: Optional[float] = None,
+    caps: Optional[Sequence[Cap]] = None,
+    memory_budget_bytes: Optional[float] = None,
+    memory_of: Optional[MemoryFn] = None,
+    strict: bool = False,
 ) -> SearchResult:
     """WaveK's search: each priority rule × in-flight cap is list-scheduled on the real
-    costs, its programs simulated, and the shortest makespan kept (the first candidate
-    wins ties: deterministic).
+    costs and timed by the simulator's model; the shortest makespan that respects the
+    limit is kept (the first candidate wins ties: deterministic).
 
     The limit is memory. By default it is a count: at most ``max_in_flight`` (default P)
-    micro-batches in flight per rank. With ``stash_budget_bytes`` it is what a count
-    stands for: caps from P up to 2P are tried and a candidate is kept only if its
-    simulated peak stash (saved activations alive at once, on the worst rank) fits the
-    budget; if none does, the search falls back to the count limit P. A budget equal to
-    1F1B's own peak stash compares the two at equal memory: 1F1B keeps P, P−1, …, 1
-    micro-batches in flight on its ranks, so a fixed cap of P leaves WaveK's ranks with
-    less than the budget the baseline uses on its first rank.
+    micro-batches in flight per rank. With ``memory_budget_bytes`` it is what a count
+    stands for: bytes per rank, as ``memory_of(programs)`` reports them (default: the
+    simulator's peak stash; the trainer and the bench pass the replay of
+    `passes.memory.program_memory`, which counts everything a rank holds). Then uniform
+    caps from P/2 up to 2P (at most ``max_in_flight``, default min(M, 2P)) are tried, and
+    per-rank caps fitted to the budget from two measured points (a rank whose
+    micro-batches hold less may keep more of them); candidates are checked in order of
+    makespan, so only the fastest few are measured, and the first that fits wins. If
+    none fits: with ``strict`` a `ScheduleError` names the budget and the smallest peak
+    found; otherwise the count limit P is used, with a warning.
 
-    The baselines' orders that respect the limit (the phase-agnostic wave order, GPipe's
-    when M ≤ cap) are candidates too, so WaveK is never worse than them in the simulator.
+    The baselines' orders that respect the limit (the phase-agnostic wave order, GPipe's)
+    are candidates too, so WaveK is never worse than them in the simulator.
     """
     P, M = dag.stages, dag.microbatches
-    if stash_budget_bytes is not None:
-        top = max_in_flight or min(M, 2 * P)
-        caps = list(caps) if caps is not None else sorted({c for c in (P, (5 * P) // 4, (3 * P) // 2, 2 * P) if c <= top} | {min(P, top)})
-    else:
-        top = max_in_flight or P
-        caps = list(caps) if caps is not None else [top]
-    if any(c > top or c < 1 for c in caps):
-        raise ValueError(f"caps {caps} must lie in 1..max_in_flight={top}")
-    candidates: List[Tuple[str, int, Callable[[], Orders]]] = [
-        (rule, cap, (lambda rule=rule, cap=cap: list_schedule(dag, dag.cost, rule, cap))) for rule in rules for cap in caps
-    ]
+    budget = memory_budget_bytes
+    top = max_in_flight or (min(M, 2 * P) if budget is not None else P)
+    cap_list: List[Cap] = list(caps) if caps is not None else list(_uniform_caps(P, top, budget is not None))
+    for c in cap_list:
+        if max(_rank_caps(c, P)) > top:
+            raise ValueError(f"caps {cap_list} must lie in 1..max_in_flight={top}")
+    measure = memory_of or simulated_stash(dag)
+    pool: List[Tuple[float, int, str, Cap, Orders]] = []  # (makespan, position, rule, cap, orders)
+
+    def add(rule: str, cap: Cap, orders: Orders) -> None:
+        if max(in_flight(orders).values(), default=0) > top:
+            return
+        ms = evaluate_orders(dag, orders)
+        pool.append((ms, len(pool), rule, cap, orders))
+        log.debug("wavek candidate %s cap=%s: makespan %.6g", rule, cap_label(cap), ms)
+
+    for rule in rules:
+        for cap in cap_list:
+            add(rule, cap, list_schedule(dag, dag.cost, rule, cap))
     if dag.layout == "folded":
-        candidates.append(("phase_agnostic", min(P, top), lambda: hanayo(dag, min(P, top))))
-    if M <= top:
-        candidates.append(("gpipe", top, lambda: gpipe(dag)))
-    best: Optional[SearchResult] = None
-    fallback: Optional[SearchResult] = None
-    tried: List[Tuple[str, int, float]] = []
-    for rule, cap, make in candidates:
-        orders = make()
-        peak = max(in_flight(orders).values(), default=0)
-        if peak > top:
-            continue
-        if stash_budget_bytes is None:
-            ms = evaluate_orders(dag, orders)
-        else:
-            sim = simulate(build_programs(dag, orders, "wavek"), dag)
-            ms = sim.makespan
-            if peak <= P and (fallback is None or ms < fallback.makespan * (1 - 1e-9)):
-                fallback = SearchResult(orders, rule, cap, ms, tried)
-            if max(sim.peak_stash_bytes, default=0.0) > stash_budget_bytes * (1 + 1e-9):
-                log.debug("wavek candidate %s cap=%d: stash %.3g B over budget %.3g B", rule, cap, max(sim.peak_stash_bytes), stash_budget_bytes)
-                continue
-        tried.append((rule, cap, ms))
-        log.debug("wavek candidate %s cap=%d: makespan %.6g", rule, cap, ms)
-        if best is None or ms < best.makespan * (1 - 1e-9):
-            best = SearchResult(orders, rule, cap, ms, tried)
-    if best is None:
-        if fallback is None:
-            raise ScheduleError("wavek: no candidate schedule within the in-flight limit")
-        log.warning("wavek: no schedule fits the stash budget of %.3g bytes; using the in-flight cap P=%d", stash_budget_bytes, P)
-        best = fallback
-    log.info("wavek: rule %s, cap %d, simulated makespan %.6g s (%d candidates)", best.rule, best.cap, best.makespan, len(tried))
+        add("phase_agnostic", min(P, top), hanayo(dag, min(P, top)))
+    if M <= top or budget is not None:
+        add("gpipe", M, gpipe(dag))
+    tried = [(rule, cap_label(cap), ms) for ms, _, rule, cap, _ in pool]
+    if not pool:
+        raise ScheduleError("wavek: no candidate schedule within the in-flight limit")
+    pool.sort(key=lambda c: (c[0], c[1]))
+    if budget is None:
+        ms, _, rule, cap, orders = pool[0]
+        best = SearchResult(orders, rule, cap, ms, tried)
+    else:
+        memo: Dict[int, List[float]] = {}
+
+        def memory(entry: Tuple[float, int, str, Cap, Orders]) -> List[float]:
+            if entry[1] not in memo:
+                memo[entry[1]] = [float(b) for b in measure(build_programs(dag, entry[4], "wavek"))]
+            return memo[entry[1]]
+
+        # per-rank caps, fitted on the fastest candidates at two uniform caps
+        points = []
+        for c in sorted({P, max(1, P // 2)}, reverse=True):
+            at_c = [e for e in pool if e[3] == c]
+            if at_c:
+                points.append((in_flight(at_c[0][4]), memory(at_c[0])))
+        scaled = _scaled_caps(P, top, budget, points)
+        if scaled is not None and len(set(scaled)) > 1:
+            for rule in rules:
+                add(rule, scaled, list_schedule(dag, dag.cost, rule, scaled))
+            pool.sort(key=lambda c: (c[0], c[1]))
+            tried = [(rule, cap_label(cap), ms) for ms, _, rule, cap, _ in sorted(pool, key=lambda c: c[1])]
+        best = None
+        smallest: Optional[Tuple[float, Tuple[float, int, str, Cap, Orders]]] = None
+        for entry in pool:
+            mem = memory(entry)
+            if smallest is None or max(mem) < smallest[0]:
+                smallest = (max(mem), entry)
+            if max(mem) <= budget * (1 + 1e-9):
+                ms, _, rule, cap, orders = entry
+                best = SearchResult(orders, rule, cap, ms, tried, mem)
+                break
+            log.debug("wavek candidate %s cap=%s: %.4g bytes, over the budget %.4g", entry[2], cap_label(entry[3]), max(mem), budget)
+        if best is None:
+            low = smallest[0] if smallest else float("nan")
+            if strict:
+                raise ScheduleError(
+                    f"wavek: no schedule fits the memory budget of {budget / 2**20:.1f} MiB per rank; the smallest "
+                    f"candidate needs {low / 2**20:.1f} MiB (in-flight caps {max(1, P // 2)}..{top} tried): raise the "
+                    "memory cap, use smaller micro-batches or more stages"
+                )
+            log.warning("wavek: no schedule fits the memory budget of %.4g bytes (smallest %.4g); using the in-flight cap P=%d", budget, low, P)
+            fallback = min((e for e in pool if max(in_flight(e[4]).values(), default=0) <= P and e[2] != "gpipe"), key=lambda e: (e[0], e[1]))
+            ms, _, rule, cap, orders = fallback
+            best = SearchResult(orders, rule, cap, ms, tried, memory(fallback))
+    log.info("wavek: rule %s, cap %s, simulated makespan %.6g s (%d candidates)", best.rule, cap_label(best.cap), best.makespan, len(tried))
     return best
 
 
@@ -796,7 +889,9 @@ def make_programs(dag: PipelineDAG, schedule: str = "wavek", **kw: Any) -> Progr
     if schedule == "wavek":
         found = wavek_search(dag, **kw)
         orders = found.orders
-        extra = {"wavek_rule": found.rule, "wavek_cap": found.cap}
+        extra = {"wavek_rule": found.rule, "wavek_cap": cap_label(found.cap)}
+        if found.memory_bytes is not None:
+            extra["wavek_memory_bytes"] = found.memory_bytes
     else:
         orders = SCHEDULES[schedule](dag, **kw)
     programs = build_programs(dag, orders, schedule)

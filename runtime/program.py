@@ -235,6 +235,13 @@ def send_releases(programs: ProgramSet, rank: int) -> Dict[int, List[int]]:
     received *that* one, ``r`` had passed ``i``. Sends with no such answer are waited for
     at the end of the step, as before.
     """
+    return all_send_releases(programs)[rank]
+
+
+def all_send_releases(programs: ProgramSet) -> List[Dict[int, List[int]]]:
+    """`send_releases` of every rank at once, in O(actions · log actions)."""
+    import bisect
+
     position: Dict[Tuple[int, int, int], int] = {}  # (src, dst, n-th message) -> action index at dst
     sent: Dict[Tuple[int, int, int], int] = {}  # (src, dst, n-th message) -> action index at src
     for prog in programs.programs:
@@ -248,19 +255,22 @@ def send_releases(programs: ProgramSet, rank: int) -> Dict[int, List[int]]:
                 n = count.get((a.src, prog.rank), 0)
                 count[(a.src, prog.rank)] = n + 1
                 position[(a.src, prog.rank, n)] = k
-    # per peer, in program order: where the peer sends to us, and where we receive it
-    answers: Dict[int, List[Tuple[int, int]]] = {}  # peer -> [(peer's send index, our recv index)]
-    for (src, dst, n), k_src in sent.items():
-        if dst == rank and (src, dst, n) in position:
-            answers.setdefault(src, []).append((k_src, position[(src, dst, n)]))
-    for lst in answers.values():
-        lst.sort()
-    releases: Dict[int, List[int]] = {}
+    # per (peer -> us) channel, in message order: the peer's send index and our receive
+    # index both grow with n, so "the first answer sent after i and received after k" is
+    # the later of two bisections
+    answers: Dict[Tuple[int, int], Tuple[List[int], List[int]]] = {}  # (peer, us) -> (theirs, ours)
+    for (src, dst, n), k_src in sorted(sent.items()):
+        if (src, dst, n) in position:
+            theirs, ours = answers.setdefault((src, dst), ([], []))
+            theirs.append(k_src)
+            ours.append(position[(src, dst, n)])
+    releases: List[Dict[int, List[int]]] = [{} for _ in programs.programs]
     for (src, dst, n), k_send in sorted(sent.items()):
-        if src != rank or (src, dst, n) not in position:
+        if (src, dst, n) not in position or (dst, src) not in answers:
             continue
         received_at = position[(src, dst, n)]
-        later = [ours for theirs, ours in answers.get(dst, []) if theirs > received_at and ours > k_send]
-        if later:
-            releases.setdefault(min(later), []).append(k_send)
+        theirs, ours = answers[(dst, src)]
+        j = max(bisect.bisect_right(theirs, received_at), bisect.bisect_right(ours, k_send))
+        if j < len(ours):
+            releases[src].setdefault(ours[j], []).append(k_send)
     return releases

@@ -96,3 +96,51 @@ def test_resume_after_a_lost_rank_continues_the_same_losses(tmp_path, monkeypatc
     assert len(resumed) == 2
     for a, e in zip(resumed, full[4:]):
         assert abs(a - e) <= 1e-9 * abs(e), (resumed, full[4:])
+
+
+def _replayed_peak(trainer, batch):
+    from janus_compile.compiled import size_values_from_batch
+    from janus_compile.data import split_microbatches
+    from janus_compile.passes.memory import program_memory
+
+    sizes = [size_values_from_batch(mb) for mb in split_microbatches(batch, trainer.microbatches)]
+    return max(m.peak_bytes for m in program_memory(trainer.graphs, trainer.programs, sizes))
+
+
+def test_memory_cap_lets_wavek_keep_more_in_flight_and_stays_exact():
+    """With memory_cap_gb WaveK searches in-flight caps above P and keeps the fastest
+    schedule whose replayed peak fits; the programs it picks still train exactly."""
+    from janus_compile.passes.symfold_ilp import OPTIMIZER_COPIES
+
+    model = _model()
+    batch = random_batch(5, 8)
+    kw = dict(loss=LOSS, stages=2, chunks=1, microbatches=8, schedule="wavek", calibrate=False)
+    counted = PipelineTrainer(model, batch, **kw)
+    assert max(counted.programs.meta["simulated"]["peak_in_flight"]) <= 2
+    state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = 2.0 * _replayed_peak(counted, batch)
+    trainer = PipelineTrainer(model, batch, memory_cap_gb=(budget + state) / 1e9, **kw)
+    meta = trainer.programs.meta
+    assert max(meta["simulated"]["peak_in_flight"]) > 2  # the memory was used
+    assert meta["simulated"]["makespan_s"] <= counted.programs.meta["simulated"]["makespan_s"] * (1 + 1e-9)
+    assert _replayed_peak(trainer, batch) <= budget * (1 + 1e-9)
+    assert max(meta["wavek_memory_bytes"]) == pytest.approx(_replayed_peak(trainer, batch))
+    out = trainer.gradients(batch)
+    ref_loss, ref_grads = _eager(model, batch)
+    assert_rel_close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, 1e-10, "loss")
+    for name, g in ref_grads.items():
+        assert_rel_close(out.grads[name], g, 1e-10, f"memory-capped wavek grad {name}")
+
+
+@pytest.mark.parametrize(
+    "cap_gb,message",
+    [
+        (1e-7, "memory_cap_bytes = 100 B per rank is too small"),  # below the partition's own lower bound
+        (4e-4, "no schedule fits the memory budget of 0.3 MiB per rank; the smallest candidate needs"),  # below any replay
+    ],
+)
+def test_memory_cap_below_what_any_schedule_needs_is_refused(cap_gb, message):
+    model = _model()
+    batch = random_batch(5, 4)
+    with pytest.raises(Exception, match=message):
+        PipelineTrainer(model, batch, loss=LOSS, stages=2, microbatches=4, schedule="wavek", calibrate=False, memory_cap_gb=cap_gb)

@@ -21,11 +21,14 @@ from janus_compile.passes.wavek import (
     gpipe,
     hanayo,
     in_flight,
+    list_schedule,
     make_programs,
     one_f_one_b,
     simulate,
+    simulated_stash,
     validate,
     wavek,
+    wavek_search,
 )
 from janus_compile.runtime.program import Compute, GradSync, OptimizerStep, ProgramSet, RankProgram, Recv, Send, render_python
 
@@ -306,12 +309,35 @@ def test_stash_budget_bounds_memory_not_the_micro_batch_count():
     dag = PipelineDAG.synthetic(P, 1, M, phase_cost=MLIP_COSTS, stash_bytes=1e6, boundary_bytes=1e5, bandwidth_bytes_per_s=1e9)
     capped = make_programs(dag, "wavek").meta["simulated"]
     budget = 1.6 * max(capped["peak_stash_bytes"])
-    found = make_programs(dag, "wavek", stash_budget_bytes=budget).meta
+    found = make_programs(dag, "wavek", memory_budget_bytes=budget).meta
     assert max(found["simulated"]["peak_stash_bytes"]) <= budget * (1 + 1e-9)
     assert found["simulated"]["makespan_s"] <= capped["makespan_s"] * (1 + 1e-9)
     assert found["wavek_cap"] > P  # the budget was used for more micro-batches in flight
-    tiny = make_programs(dag, "wavek", stash_budget_bytes=1.0).meta
+    tiny = make_programs(dag, "wavek", memory_budget_bytes=1.0).meta
     assert max(tiny["simulated"]["peak_in_flight"]) <= P
+
+
+def test_per_rank_caps_are_respected_and_fitted_to_the_budget():
+    """A cap per rank bounds each rank's in-flight count; under a memory budget the search
+    may give ranks different caps, and a strict search that nothing fits names the
+    budget and the smallest peak it found."""
+    P, M = 4, 16
+    dag = PipelineDAG.synthetic(P, 1, M, phase_cost=MLIP_COSTS, stash_bytes=1e6)
+    caps = [6, 3, 5, 2]
+    got = in_flight(list_schedule(dag, dag.cost, "deadline:0.5", caps))
+    assert all(got[r] <= caps[r] for r in range(P)) and got[0] > got[3]
+    with pytest.raises(ValueError, match="each of the 4 ranks"):
+        list_schedule(dag, dag.cost, "critical_path", [1, 2])
+    # a rank whose micro-batches weigh half gets a larger cap fitted to the same budget
+    memory = lambda programs: [b * (0.5 if r == P - 1 else 1.0) for r, b in enumerate(simulated_stash(dag)(programs))]
+    base = max(memory(make_programs(dag, "wavek")))
+    found = wavek_search(dag, memory_budget_bytes=1.3 * base, memory_of=memory)
+    fitted = [cap for _, cap, _ in found.candidates if isinstance(cap, list)]
+    assert fitted and all(cap[P - 1] > max(cap[: P - 1]) for cap in fitted)
+    assert max(found.memory_bytes) <= 1.3 * base * (1 + 1e-9)
+    assert found.memory_bytes == pytest.approx(memory(build_programs(dag, found.orders)))
+    with pytest.raises(ScheduleError, match=r"no schedule fits the memory budget of 0\.0 MiB per rank; the smallest candidate needs"):
+        wavek_search(dag, memory_budget_bytes=1.0, memory_of=memory, strict=True)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "wavek"])
