@@ -44,6 +44,9 @@ SCHEDULES = ("1f1b", "hanayo", "wavek", "gpipe")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 from .passes.symfold_ilp import OPTIMIZER_COPIES
 
+EQUAL_MEMORY = "wavek@1f1b-mem"
+"""WaveK limited to the peak memory 1F1B uses (a second WaveK row of the bench)."""
+
 PAPER_RATIOS = {"wavek/1f1b": 1.51, "wavek/hanayo": 1.45}  # 32 GPUs, averaged (abstract)
 SIM_UNITS_PER_CHUNK = 1.5  # a simulated model gets at least this many units per chunk
 MAX_SIM_LAYERS = 64
@@ -75,10 +78,10 @@ class BenchConfig:
     sim_factors: List[int] = field(default_factory=lambda: [1, 2, 4])  # M = factor × P
     sim_chunks: List[int] = field(default_factory=lambda: [1, 2])  # K tried for wavek (best kept)
     sim_ilp_time_s: float = 5.0
-    # WaveK's memory limit: "1f1b" = the peak memory 1F1B itself uses on its worst rank
-    # (replayed by passes/memory.py: equal memory, in-flight caps up to 2P searched);
-    # "count" = at most P micro-batches in flight per rank
-    wavek_memory: str = "1f1b"
+    # Also run WaveK at 1F1B's memory (EQUAL_MEMORY): its budget is the peak 1F1B itself
+    # uses on its worst rank, replayed by passes/memory.py, in-flight caps up to 2P searched.
+    # "wavek" itself keeps its default limit, P micro-batches in flight per rank.
+    equal_memory: bool = True
     sim_bandwidth_gbs: float = 25.0
     sim_latency_us: float = 20.0
     timeout_s: float = 600.0
@@ -101,6 +104,12 @@ class BenchConfig:
             raise ValueError("a pipeline benchmark needs stages >= 2")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def runs(self) -> List[str]:
+        """What the bench times: the schedules, plus WaveK at 1F1B's memory when asked for."""
+        extra = [EQUAL_MEMORY] if self.equal_memory and {"wavek", "1f1b"} <= set(self.schedules) else []
+        return list(self.schedules) + extra
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,32 +287,34 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
         batch = _batch(cfg, structures[: M * S])
         trainers: Dict[str, Any] = {}
         build_s: Dict[str, float] = {}
-        # 1F1B first: with wavek_memory="1f1b" its replayed peak is WaveK's memory cap
-        for sched in sorted(cfg.schedules, key=lambda s: s != "1f1b"):
+        # 1F1B first: its replayed peak is the memory cap of WaveK at equal memory
+        for name in sorted(cfg.runs, key=lambda s: s != "1f1b"):
+            sched = "wavek" if name == EQUAL_MEMORY else name
             t0 = time.perf_counter()
             model = build_bench_model(cfg.model, cfg.hidden, cfg.layers, cfg.cutoff, cfg.dtype, cfg.seed)
             chunks = 1 if sched == "1f1b" else cfg.chunks
-            extra: Dict[str, Any] = {"dump_dir": os.path.join(cfg.dump_dir, f"{sched}-M{M}")} if cfg.dump_dir else {}
-            if sched == "wavek" and cfg.wavek_memory == "1f1b" and "1f1b" in trainers:
+            extra: Dict[str, Any] = {"dump_dir": os.path.join(cfg.dump_dir, f"{name}-M{M}")} if cfg.dump_dir else {}
+            if name == EQUAL_MEMORY:
                 # the trainer's cap counts parameters, gradients and Adam moments on top of the replay
                 state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
                 extra["memory_cap_gb"] = (max(replayed_peaks(trainers["1f1b"], batch)) + state) / 1e9
-            trainers[sched] = PipelineTrainer(
+            trainers[name] = PipelineTrainer(
                 model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s, **extra
             )
-            build_s[sched] = time.perf_counter() - t0
+            build_s[name] = time.perf_counter() - t0
             if progress:
-                sim = trainers[sched].programs.meta["simulated"]
-                print(f"  [M={M}] built {sched}: {build_s[sched]:.1f} s, simulated step {1e3 * sim['makespan_s']:.2f} ms", flush=True)
+                sim = trainers[name].programs.meta["simulated"]
+                print(f"  [M={M}] built {name}: {build_s[name]:.1f} s, simulated step {1e3 * sim['makespan_s']:.2f} ms", flush=True)
         from .data import split_microbatches
 
         shared = _shared_simulation(trainers, split_microbatches(batch, M)[0])
         if progress:
             print(f"  [M={M}] shared-calibration simulated steps: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
-        times: Dict[str, List[float]] = {s: [] for s in cfg.schedules}
-        runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in cfg.schedules}
+        names = cfg.runs
+        times: Dict[str, List[float]] = {s: [] for s in names}
+        runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in names}
         for rnd in range(cfg.repeats):
-            order = list(cfg.schedules[rnd % len(cfg.schedules):]) + list(cfg.schedules[: rnd % len(cfg.schedules)])
+            order = list(names[rnd % len(names):]) + list(names[: rnd % len(names)])
             for sched in order:
                 tr = trainers[sched]
                 t0 = time.perf_counter()
@@ -325,7 +336,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 if progress:
                     print(f"  [M={M}] round {rnd + 1}/{cfg.repeats} {sched}: steps " + " ".join(f"{1e3 * t:.1f}" for t in step_times) + " ms", flush=True)
         per = {}
-        for sched in cfg.schedules:
+        for sched in names:
             tr = trainers[sched]
             st = _stats(times[sched])
             sim = tr.programs.meta["simulated"]
@@ -385,6 +396,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                     "wavek/1f1b": _ratio(thr.get("wavek"), thr.get("1f1b")),
                     "wavek/hanayo": _ratio(thr.get("wavek"), thr.get("hanayo")),
                     "wavek/gpipe": _ratio(thr.get("wavek"), thr.get("gpipe")),
+                    "wavek@1f1b-mem/1f1b": _ratio(thr.get(EQUAL_MEMORY), thr.get("1f1b")),
                 },
                 "sim_ratios": {
                     "wavek/1f1b": _ratio(per.get("1f1b", {}).get("simulated_step_s"), per.get("wavek", {}).get("simulated_step_s")),
@@ -436,19 +448,22 @@ def _sim_schedules(
     schedules: Sequence[str],
     sim_chunks: Sequence[int],
     sizes: Mapping[str, int],
-    wavek_memory: str = "1f1b",
+    equal_memory: bool = True,
 ) -> Dict[str, Any]:
     """Schedule and simulate every schedule on its partition; memory per rank is the
-    replayed peak of its programs (`passes.memory.program_memory`) at the micro-batch's
-    sizes. With ``wavek_memory="1f1b"`` WaveK's budget is 1F1B's worst rank."""
+    replayed peak of its programs (`passes.memory.MemoryReplay`) at the micro-batch's
+    sizes. With ``equal_memory``, WaveK also runs under a budget of 1F1B's worst rank
+    (result key `EQUAL_MEMORY`)."""
     from .passes.memory import MemoryReplay
     from .passes.wavek import make_programs
     from .runtime.executor import StageGraphs
 
     replays = {key: MemoryReplay(StageGraphs.from_plan(p.plan)) for key, p in parts.items()}
     res: Dict[str, Any] = {}
-    # 1F1B first: with wavek_memory="1f1b" its replayed peak is WaveK's memory budget
-    for sched in sorted(schedules, key=lambda s: s != "1f1b"):
+    names = list(schedules) + ([EQUAL_MEMORY] if equal_memory and {"wavek", "1f1b"} <= set(schedules) else [])
+    # 1F1B first: its replayed peak is the budget of WaveK at equal memory
+    for name in sorted(names, key=lambda s: s != "1f1b"):
+        sched = "wavek" if name == EQUAL_MEMORY else name
         if sched == "1f1b":
             keys = [("unfolded", 1)]
         elif sched == "hanayo":
@@ -468,7 +483,7 @@ def _sim_schedules(
                 return replay.peaks(programs, msz)
 
             kw: Dict[str, Any] = {}
-            if sched == "wavek" and wavek_memory == "1f1b" and "1f1b" in res:
+            if name == EQUAL_MEMORY:
                 kw = {"memory_budget_bytes": res["1f1b"]["peak_memory_bytes"], "memory_of": memory_of}
             programs = make_programs(dag, sched, **kw)
             sim = programs.meta["simulated"]
@@ -478,11 +493,12 @@ def _sim_schedules(
                 "peak_stash_bytes": max(sim["peak_stash_bytes"], default=0.0),
                 "peak_memory_bytes": max(programs.meta.get("wavek_memory_bytes") or memory_of(programs)),
                 "wavek_cap": programs.meta.get("wavek_cap"),
+                "wavek_memory_fits": programs.meta.get("wavek_memory_fits"),
             }
             if best is None or cand["makespan_s"] < best["makespan_s"]:
                 best = cand
         if best is not None:
-            res[sched] = best
+            res[name] = best
     return res
 
 
@@ -542,7 +558,7 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
             for f in cfg.sim_factors:
                 M = f * P
                 dags = {k: PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency) for k, p in parts.items()}
-                res = _sim_schedules(parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.wavek_memory)
+                res = _sim_schedules(parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.equal_memory)
                 thr = {s: M * S / r["makespan_s"] for s, r in res.items()}
                 row = {
                     "model": name,
@@ -555,8 +571,10 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                         "wavek/1f1b": _ratio(thr.get("wavek"), thr.get("1f1b")),
                         "wavek/hanayo": _ratio(thr.get("wavek"), thr.get("hanayo")),
                         "wavek/gpipe": _ratio(thr.get("wavek"), thr.get("gpipe")),
+                        "wavek@1f1b-mem/1f1b": _ratio(thr.get(EQUAL_MEMORY), thr.get("1f1b")),
                     },
                     "wavek_efficiency": res.get("wavek", {}).get("efficiency"),
+                    "wavek_eqmem_efficiency": res.get(EQUAL_MEMORY, {}).get("efficiency"),
                     "imbalance": {f"{m} K={k}": p.imbalance() for (m, k), p in parts.items()},
                     "partition_s": part_s,
                     "errors": errors,
@@ -564,7 +582,11 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                 rows.append(row)
                 if progress:
                     r = row["ratios"]
-                    print(f"  [sim] {name} P={P} M={M}: wavek/1f1b {_fmt(r['wavek/1f1b'])}, wavek/hanayo {_fmt(r['wavek/hanayo'])}, wavek eff {_fmt(row['wavek_efficiency'])}", flush=True)
+                    print(
+                        f"  [sim] {name} P={P} M={M}: wavek/1f1b {_fmt(r['wavek/1f1b'])}, wavek/hanayo {_fmt(r['wavek/hanayo'])}, "
+                        f"wavek eff {_fmt(row['wavek_efficiency'])}; at 1F1B's memory: wavek/1f1b {_fmt(r['wavek@1f1b-mem/1f1b'])}",
+                        flush=True,
+                    )
     return {
         "rows": rows,
         "averages": sim_averages(rows),
@@ -605,6 +627,8 @@ def sim_averages(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "wavek/1f1b_gmean": _gmean([r["ratios"]["wavek/1f1b"] for r in sel]),
                 "wavek/hanayo_gmean": _gmean([r["ratios"]["wavek/hanayo"] for r in sel]),
                 "wavek_efficiency": _mean([r["wavek_efficiency"] for r in sel]),
+                "wavek@1f1b-mem/1f1b": _mean([r["ratios"].get("wavek@1f1b-mem/1f1b") for r in sel]),
+                "wavek_eqmem_efficiency": _mean([r.get("wavek_eqmem_efficiency") for r in sel]),
             }
         )
     return out
@@ -671,11 +695,12 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"| {max(r['est_memory_per_rank_mb']):.2f} | {_fmt(max(est) if est else None, '.0f')} | {rss_txt} | {ratio} |"
             )
         ra, sr = e["ratios"], e["sim_ratios"]
-        wk = e["schedules"].get("wavek")
+        wk = e["schedules"].get(EQUAL_MEMORY)
         if wk and wk.get("memory_cap_gb"):
             lines.append(
-                f"\nWaveK ran at 1F1B's memory: cap {wk['memory_cap_gb']:.3g} GB per rank (1F1B's replayed peak plus "
-                f"parameters, gradients and Adam moments), in-flight cap {_cap_text(wk.get('wavek_cap'))}."
+                f"\n{EQUAL_MEMORY}: WaveK under a cap of {wk['memory_cap_gb']:.3g} GB per rank (1F1B's replayed peak plus "
+                f"parameters, gradients and Adam moments), in-flight cap {_cap_text(wk.get('wavek_cap'))}; "
+                f"measured {EQUAL_MEMORY}/1f1b **{_fmt(ra.get('wavek@1f1b-mem/1f1b'))}×**."
             )
         lines.append(
             f"\nmeasured: wavek/1f1b **{_fmt(ra['wavek/1f1b'])}×**, wavek/hanayo **{_fmt(ra['wavek/hanayo'])}×**, "
@@ -694,9 +719,9 @@ def _cap_text(cap: Any) -> str:
     return str(cap)
 
 
-def _memory_ratio(row: Mapping[str, Any]) -> Optional[float]:
+def _memory_ratio(row: Mapping[str, Any], name: str) -> Optional[float]:
     sch = row["schedules"]
-    a, b = sch.get("wavek", {}).get("peak_memory_bytes"), sch.get("1f1b", {}).get("peak_memory_bytes")
+    a, b = sch.get(name, {}).get("peak_memory_bytes"), sch.get("1f1b", {}).get("peak_memory_bytes")
     return a / b if a and b else None
 
 
@@ -705,23 +730,30 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
     scheds = [s for s in SCHEDULES if any(s in r["schedules"] for r in rows)]
     head = (
         "| model | blocks | P | M | " + " | ".join(f"{s} str/s" for s in scheds)
-        + " | wavek K | wavek cap | wavek mem / 1f1b mem | wavek/1f1b | wavek/hanayo | wavek eff. |"
+        + " | wavek K | wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem: wavek, hanayo "
+        + "| at 1F1B's mem: wavek cap | wavek/1f1b | wavek eff. |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         thr = r["structures_per_s"]
-        wk = r["schedules"].get("wavek", {})
+        wk, eq = r["schedules"].get("wavek", {}), r["schedules"].get(EQUAL_MEMORY, {})
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['stages']} | {r['microbatches']} | "
             + " | ".join(_fmt(thr.get(s), ".1f") for s in scheds)
-            + f" | {wk.get('chunks', 'n/a')} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(_memory_ratio(r))} "
-            + f"| {_fmt(r['ratios']['wavek/1f1b'])} | {_fmt(r['ratios']['wavek/hanayo'])} | {_fmt(r['wavek_efficiency'])} |"
+            + f" | {wk.get('chunks', 'n/a')} | {_fmt(r['ratios']['wavek/1f1b'])} | {_fmt(r['ratios']['wavek/hanayo'])} "
+            + f"| {_fmt(r['wavek_efficiency'])} | {_fmt(_memory_ratio(r, 'wavek'))}, {_fmt(_memory_ratio(r, 'hanayo'))} "
+            + f"| {_cap_text(eq.get('wavek_cap'))} | {_fmt(r['ratios'].get('wavek@1f1b-mem/1f1b'))} | {_fmt(r.get('wavek_eqmem_efficiency'))} |"
         )
-    lines += ["", "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency | at 1F1B's mem: wavek/1f1b | wavek efficiency |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for a in sim["averages"]:
         lines.append(
             f"| {a['stages']} | {a['n']} | {_fmt(a['wavek/1f1b'])} ({_fmt(a['wavek/1f1b_gmean'])}) | "
-            f"{_fmt(a['wavek/hanayo'])} ({_fmt(a['wavek/hanayo_gmean'])}) | {_fmt(a['wavek_efficiency'])} |"
+            f"{_fmt(a['wavek/hanayo'])} ({_fmt(a['wavek/hanayo_gmean'])}) | {_fmt(a['wavek_efficiency'])} "
+            f"| {_fmt(a.get('wavek@1f1b-mem/1f1b'))} | {_fmt(a.get('wavek_eqmem_efficiency'))} |"
         )
     p = sim["paper"]
     lines.append(f"\npaper (32 GPUs, averaged): wavek/1f1b {p['wavek/1f1b']}×, wavek/hanayo {p['wavek/hanayo']}×")
@@ -809,7 +841,7 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_ilp_time_s=args.sim_ilp_time,
         sim_bandwidth_gbs=args.sim_bandwidth,
         sim_latency_us=args.sim_latency_us,
-        wavek_memory=args.wavek_memory,
+        equal_memory=not args.no_equal_memory,
         dump_dir=args.dump_dir,
     )
 
@@ -837,9 +869,8 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
     p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")
     p.add_argument(
-        "--wavek-memory", choices=["count", "1f1b"], default="1f1b",
-        help="WaveK's memory limit, real and simulated: 1F1B's own replayed peak per rank (default: equal memory, "
-        "in-flight caps up to 2P searched), or at most P micro-batches in flight",
+        "--no-equal-memory", action="store_true",
+        help=f"skip the {EQUAL_MEMORY} row (WaveK limited to the peak memory 1F1B uses, replayed; in-flight caps up to 2P searched)",
     )
 
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 METHODS = ("symfold", "even", "unfolded")
 UNITS_PER_CHUNK = 4
 BALANCE_TARGET = 1.10  # max/mean rank time under which finer units are not tried
+CHUNK_BALANCE_TARGET = 1.25  # K > 1: max/mean chunk time over which heavy units are segmented
 MAX_UNIT_DEPTH = 4
 Sizes = Mapping[str, int]
 
@@ -313,14 +314,19 @@ def partition_graph(
             if candidate.objective < solution.objective:
                 units, problem, solution = finer, finer_problem, candidate
         # Still unbalanced: a single unit outweighs a chunk's share. Cut heavy units into
-        # fold-safe segments of their own code (passes/segments.py).
-        if solution.imbalance > BALANCE_TARGET:
+        # fold-safe segments of their own code (passes/segments.py). With K > 1 chunks per
+        # rank, ranks can balance while their chunks do not (one heavy, one nearly empty:
+        # a K = 1 pipeline with extra hops), which segments fix too.
+        if solution.imbalance > BALANCE_TARGET or (chunks > 1 and solution.chunk_imbalance() > CHUNK_BALANCE_TARGET):
             share = sum(u.total_cost() for u in problem.units) / V
             cut = segment_units(graph, units, node_times, out_bytes, share)
             if len(cut.names) > len(units.names):
                 cut_problem = build_problem(graph, cut, node_times, out_bytes, param_bytes, stages, chunks, not_sent=replicated, **ilp_options)
                 candidate = solve_partition(cut_problem, lp_path=lp_path)
-                log.info("segmented units: %d units, max/mean %.3f (was %.3f)", len(cut.names), candidate.imbalance, solution.imbalance)
+                log.info(
+                    "segmented units: %d units, max/mean rank %.3f, chunk %.3f (was %.3f, %.3f)",
+                    len(cut.names), candidate.imbalance, candidate.chunk_imbalance(), solution.imbalance, solution.chunk_imbalance(),
+                )
                 if candidate.objective < solution.objective:
                     units, problem, solution = cut, cut_problem, candidate
         chunk_of_unit = solution.chunk_of_unit

@@ -121,6 +121,11 @@ class PartitionProblem:
     memory_cap_bytes: Optional[float] = None
     bandwidth_bytes_per_s: float = 10e9
     comm_weight: float = 1.0
+    # Weight of the slowest chunk in the objective (K > 1 only). Rank balance alone leaves
+    # many optima, some with one heavy and one empty chunk per rank, which is a K = 1
+    # pipeline with extra hops; a wave pipeline's fill and drain shrink with the chunk
+    # size, so among (nearly) equally balanced ranks this prefers equal chunks.
+    chunk_weight: float = 0.1
     time_limit_s: float = 30.0
     seed: int = 0
 
@@ -163,6 +168,12 @@ class PartitionSolution:
         """max/mean rank time: 1.0 is a perfect balance."""
         mean = sum(self.rank_time) / len(self.rank_time)
         return max(self.rank_time) / mean if mean > 0 else 1.0
+
+    def chunk_imbalance(self) -> float:
+        """max/mean chunk time (all four phases): what a wave pipeline's fill and drain see."""
+        totals = [sum(ct.values()) for ct in self.chunk_time]
+        mean = sum(totals) / len(totals) if totals else 0.0
+        return max(totals) / mean if mean > 0 else 1.0
 
 
 def wave_rank(chunk: int, stages: int) -> int:
@@ -265,7 +276,13 @@ def _evaluate(
         rank_time[r] += u.total_cost()
         rank_memory[r] += u.memory(problem.microbatches_in_flight)
     objective = max(rank_time) + _comm_seconds(problem, chunk_of_unit)
+    if _weighs_chunks(problem):
+        objective += problem.chunk_weight * max(sum(ct.values()) for ct in chunk_time)
     return objective, rank_time, rank_memory, chunk_time
+
+
+def _weighs_chunks(problem: PartitionProblem) -> bool:
+    return problem.chunks > 1 and problem.chunk_weight > 0
 
 
 def even_partition(problem: PartitionProblem) -> PartitionSolution:
@@ -327,6 +344,7 @@ def _polish(problem: PartitionProblem, chunk_of_unit: List[int], max_evals: int)
         pre_t.append(pre_t[-1] + u.total_cost())
         pre_m.append(pre_m[-1] + u.memory(mif))
     hop = [(e.src, e.dst, problem.seconds_per_byte_hop * e.bytes) for e in problem.edges if e.bytes > 0]
+    chunk_w = problem.chunk_weight if _weighs_chunks(problem) else 0.0
 
     def score(cuts: List[int]) -> Optional[Tuple[float, float]]:
         rank_time, rank_mem = [0.0] * p, [0.0] * p
@@ -336,7 +354,8 @@ def _polish(problem: PartitionProblem, chunk_of_unit: List[int], max_evals: int)
         if cap is not None and max(rank_mem) > cap:
             return None
         comm = sum(s * (bisect.bisect_right(cuts, b) - bisect.bisect_right(cuts, a)) for a, b, s in hop)
-        return max(rank_time) + comm, sum(t * t for t in rank_time)
+        chunk = chunk_w * max(pre_t[cuts[c + 1]] - pre_t[cuts[c]] for c in range(v)) if chunk_w else 0.0
+        return max(rank_time) + comm + chunk, sum(t * t for t in rank_time)
 
     cuts = [chunk_of_unit.index(k) for k in range(v)] + [n]
     best = score(cuts)
@@ -390,6 +409,7 @@ class _Model:
     x: Dict[Tuple[int, int], pulp.LpVariable]
     y: Dict[Tuple[int, int], pulp.LpVariable]
     t: pulp.LpVariable
+    tc: Optional[pulp.LpVariable]  # slowest chunk (only when the objective weighs chunks)
     windows: List[List[int]]
     time_scale: float  # seconds per unit of the model's objective
 
@@ -431,7 +451,7 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
     }
     scale = _time_scale(problem)
     # T can not drop below the even share (1 here) or the heaviest unit: free tightening.
-    t = _new_var(prob, "T", _combinatorial_bound(problem) / scale, None, pulp.LpContinuous)
+    t = _new_var(prob, "T", _rank_time_bound(problem) / scale, None, pulp.LpContinuous)
 
     def chunk_expr(u: int) -> pulp.LpAffineExpression:
         # Written on x (not y) so that the objective has no constant term: CBC leaves an
@@ -440,7 +460,12 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
 
     hop_s = problem.seconds_per_byte_hop / scale
     comm = pulp.lpSum(e.bytes * hop_s * (chunk_expr(e.dst) - chunk_expr(e.src)) for e in problem.edges if e.bytes > 0)
-    prob += t + comm, "rank_time_plus_comm"
+    tc = None
+    if _weighs_chunks(problem):
+        tc = _new_var(prob, "T_chunk", _chunk_time_bound(problem) / scale, None, pulp.LpContinuous)
+        prob += t + comm + problem.chunk_weight * tc, "rank_time_plus_comm_plus_chunk"
+    else:
+        prob += t + comm, "rank_time_plus_comm"
 
     for u in range(n):
         w = windows[u]
@@ -457,6 +482,8 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
         units_on[c].append(u)
     for c in range(v):
         prob += pulp.lpSum(x[u, c] for u in units_on[c]) >= 1, f"nonempty_c{c}"
+        if tc is not None:
+            prob += pulp.lpSum(problem.units[u].total_cost() / scale * x[u, c] for u in units_on[c]) - tc <= 0, f"chunk_time_c{c}"
 
     chunks_of_rank: List[List[int]] = [[] for _ in range(p)]
     for c in range(v):
@@ -479,7 +506,7 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
                 pulp.lpSum(problem.units[u].memory(mif) * x[u, c] for u, c in on_rank) <= 0,
                 f"rank_memory_r{r}",
             )
-    return _Model(prob=prob, x=x, y=y, t=t, windows=windows, time_scale=scale)
+    return _Model(prob=prob, x=x, y=y, t=t, tc=tc, windows=windows, time_scale=scale)
 
 
 MIP_INCREMENT = 1e-5
@@ -525,11 +552,24 @@ def _cbc_lower_bound(log_text: str) -> Optional[float]:
     return None
 
 
-def _combinatorial_bound(problem: PartitionProblem) -> float:
-    """Seconds: max rank time can not drop below the even share or the heaviest unit, and
-    transfers cost >= 0."""
+def _rank_time_bound(problem: PartitionProblem) -> float:
+    """Seconds: max rank time can not drop below the even share or the heaviest unit."""
     costs = [u.total_cost() for u in problem.units]
     return max(sum(costs) / problem.stages, max(costs))
+
+
+def _chunk_time_bound(problem: PartitionProblem) -> float:
+    """Seconds: the slowest chunk takes at least the even chunk share or the heaviest unit."""
+    costs = [u.total_cost() for u in problem.units]
+    return max(sum(costs) / problem.num_chunks, max(costs))
+
+
+def _combinatorial_bound(problem: PartitionProblem) -> float:
+    """Seconds: a lower bound on the objective (rank and chunk bounds; transfers cost >= 0)."""
+    bound = _rank_time_bound(problem)
+    if _weighs_chunks(problem):
+        bound += problem.chunk_weight * _chunk_time_bound(problem)
+    return bound
 
 
 def _relaxation_bound(problem: PartitionProblem, time_limit: float, tmp: str) -> Optional[float]:
@@ -570,7 +610,10 @@ def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) ->
             var.setInitialValue(1.0 if start[u] == c else 0.0)
         for (u, c), var in model.y.items():
             var.setInitialValue(1.0 if start[u] <= c else 0.0)
-        model.t.setInitialValue(max(_evaluate(problem, start)[1]) / model.time_scale)
+        _, start_rank_time, _, start_chunk_time = _evaluate(problem, start)
+        model.t.setInitialValue(max(start_rank_time) / model.time_scale)
+        if model.tc is not None:
+            model.tc.setInitialValue(max(sum(ct.values()) for ct in start_chunk_time) / model.time_scale)
 
     with tempfile.TemporaryDirectory(prefix="symfold_") as tmp:
         path = lp_path or os.path.join(tmp, "symfold.lp")

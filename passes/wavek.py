@@ -645,6 +645,7 @@ class SearchResult:
     makespan: float
     candidates: List[Tuple[str, Any, float]]
     memory_bytes: Optional[List[float]] = None  # per rank, when the search had a memory budget
+    memory_fits: Optional[bool] = None  # False: nothing fitted the budget, the count limit P was used
 
 
 MemoryFn = Callable[[ProgramSet], Sequence[float]]
@@ -773,7 +774,7 @@ def wavek_search(
                 smallest = (max(mem), entry)
             if max(mem) <= budget * (1 + 1e-9):
                 ms, _, rule, cap, orders = entry
-                best = SearchResult(orders, rule, cap, ms, tried, mem)
+                best = SearchResult(orders, rule, cap, ms, tried, mem, True)
                 break
             log.debug("wavek candidate %s cap=%s: %.4g bytes, over the budget %.4g", entry[2], cap_label(entry[3]), max(mem), budget)
         if best is None:
@@ -787,7 +788,7 @@ def wavek_search(
             log.warning("wavek: no schedule fits the memory budget of %.4g bytes (smallest %.4g); using the in-flight cap P=%d", budget, low, P)
             fallback = min((e for e in pool if max(in_flight(e[4]).values(), default=0) <= P and e[2] != "gpipe"), key=lambda e: (e[0], e[1]))
             ms, _, rule, cap, orders = fallback
-            best = SearchResult(orders, rule, cap, ms, tried, memory(fallback))
+            best = SearchResult(orders, rule, cap, ms, tried, memory(fallback), False)
     log.info("wavek: rule %s, cap %s, simulated makespan %.6g s (%d candidates)", best.rule, cap_label(best.cap), best.makespan, len(tried))
     return best
 
@@ -892,6 +893,7 @@ def make_programs(dag: PipelineDAG, schedule: str = "wavek", **kw: Any) -> Progr
         extra = {"wavek_rule": found.rule, "wavek_cap": cap_label(found.cap)}
         if found.memory_bytes is not None:
             extra["wavek_memory_bytes"] = found.memory_bytes
+            extra["wavek_memory_fits"] = found.memory_fits
     else:
         orders = SCHEDULES[schedule](dag, **kw)
     programs = build_programs(dag, orders, schedule)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from janus_compile.bench import SCHEDULES, BenchConfig, markdown_sim, run_simulation
+from janus_compile.bench import EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation
 from janus_compile.cli import main
 
 TINY = ["--hidden", "8", "--layers", "2", "--atoms", "8"]
@@ -25,7 +25,11 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys):
     result = json.loads(out.read_text())
     (entry,) = result["real"]
     assert entry["stages"] == 2 and entry["microbatches"] == 2
-    assert set(entry["schedules"]) == set(SCHEDULES)
+    assert set(entry["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY}
+    # WaveK at equal memory: capped at what 1F1B's programs replay to (both rows add the same optimizer state)
+    eq, base = entry["schedules"][EQUAL_MEMORY], entry["schedules"]["1f1b"]
+    assert eq["memory_cap_gb"] > 0 and max(eq["est_peak_growth_mb"]) <= max(base["est_peak_growth_mb"]) * (1 + 1e-9)
+    assert entry["ratios"]["wavek@1f1b-mem/1f1b"] > 0
     for s, r in entry["schedules"].items():
         assert r["step_s"]["n"] == 1 and r["step_s"]["median"] > 0
         assert r["structures_per_s"] > 0 and r["atoms_per_s"] > r["structures_per_s"]
@@ -49,7 +53,10 @@ def test_simulation_at_p4_gives_finite_ratios():
     sim = run_simulation(cfg, progress=False)
     assert [(r["stages"], r["microbatches"]) for r in sim["rows"]] == [(4, 4), (4, 8)]
     for r in sim["rows"]:
-        assert set(r["schedules"]) == set(SCHEDULES), r["errors"]
+        assert set(r["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY}, r["errors"]
+        eq = r["schedules"][EQUAL_MEMORY]
+        if eq["wavek_memory_fits"]:
+            assert eq["peak_memory_bytes"] <= r["schedules"]["1f1b"]["peak_memory_bytes"] * (1 + 1e-9)
         for k in ("wavek/1f1b", "wavek/hanayo"):
             assert r["ratios"][k] is not None and math.isfinite(r["ratios"][k]) and r["ratios"][k] > 0
         assert 0 < r["wavek_efficiency"] <= 1
