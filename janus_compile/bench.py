@@ -48,7 +48,7 @@ EQUAL_MEMORY = "wavek@1f1b-mem"
 """WaveK limited to the peak memory 1F1B uses (a second WaveK row of the bench)."""
 
 PAPER_RATIOS = {"wavek/1f1b": 1.51, "wavek/hanayo": 1.45}  # 32 GPUs, averaged (abstract)
-SIM_UNITS_PER_CHUNK = 1.5  # a simulated model gets at least this many units per chunk
+SIM_UNITS_PER_CHUNK = 3.0  # a simulated model gets at least this many (module) units per chunk
 MAX_SIM_LAYERS = 64
 
 
