@@ -1,4 +1,4 @@
-"""``januspipe`` command line: demo, train, inspect, bench, gp-bench."""
+"""``januspipe`` command line: demo, train, inspect, bench, gp-bench, step-bench."""
 from __future__ import annotations
 
 import argparse
@@ -143,6 +143,12 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_step_bench(args) -> int:
+    from .step_bench import main as step_bench_main
+
+    return step_bench_main(args)
+
+
 def cmd_gp_bench(args) -> int:
     from .bench_gp import main as gp_bench_main
 
@@ -200,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gpb)
     add_gp_bench_args(gpb)
     gpb.set_defaults(layers=2, cutoff=5.0, func=cmd_gp_bench)
+
+    from .step_bench import add_step_bench_args
+
+    stb = sub.add_parser(
+        "step-bench", help="one device: eager double backward vs the joint graph vs the joint graph + TorchInductor (time, memory)"
+    )
+    add_step_bench_args(stb)
+    stb.set_defaults(func=cmd_step_bench)
     return parser
 
 

@@ -12,7 +12,7 @@ never a run on sizes a graph was not valid for.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ class CompiledMLIP(nn.Module):
         self._force_graphs: List[ForceGraph] = []
         self._joint_graphs: List[JointGraph] = []
         self._partitions: Dict[int, Any] = {}  # id(joint graph) -> Partition
+        self._inductor: Dict[int, Any] = {}  # id(joint graph) -> its GraphModule compiled by TorchInductor
         self.graph_parallel_reports: Dict[int, Any] = {}  # id(joint graph) -> GraphParallelReport
         self._dumped = False
 
@@ -135,6 +136,8 @@ class CompiledMLIP(nn.Module):
                 # Reference execution of the split graphs, in dependency order, in this process.
                 outs = self._partitions[id(graph)].plan.run(graph.flat_inputs(params, buffers, batch))
                 loss, outputs, grads = graph.unflatten(outs)
+            elif self.options.inductor:
+                loss, outputs, grads = graph.unflatten(self._inductor_graph(graph)(*graph.flat_inputs(params, buffers, batch)))
             else:
                 loss, outputs, grads = graph(params, buffers, batch)
             for name, g in grads.items():
@@ -144,6 +147,38 @@ class CompiledMLIP(nn.Module):
                 else:
                     p.grad.add_(g)
         return loss, outputs
+
+
+    def _inductor_graph(self, graph: JointGraph):
+        """The joint graph compiled by TorchInductor (once per captured graph). Once the
+        force graph is explicit the training step is a first-order graph, which stock
+        compilers handle; they cannot compile the double backward of the eager model."""
+        if id(graph) not in self._inductor:
+            self._inductor[id(graph)] = compile_with_inductor(graph.gm)
+        return self._inductor[id(graph)]
+
+
+_SIZE_QUERIES = {torch.ops.aten.sym_size.int: "size", torch.ops.aten.sym_numel.default: "numel"}
+
+
+def compile_with_inductor(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """``gm`` through TorchInductor, compiled on the first call with dynamic sizes: every
+    training batch has its own atom and edge counts, and one kernel set serves them all.
+
+    Symbolic tracing recorded size queries as ``aten.sym_size`` / ``aten.sym_numel`` ops,
+    which Dynamo refuses to trace (an op returning a non-tensor); a copy of the graph asks
+    the tensor instead (``x.size(d)``, ``x.numel()``), the same values."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _SIZE_QUERIES:
+            with graph.inserting_before(node):
+                query = graph.call_method(_SIZE_QUERIES[node.target], node.args, node.kwargs)
+            query.meta = dict(node.meta)
+            node.replace_all_uses_with(query)
+            graph.erase_node(node)
+    graph.lint()
+    return torch.compile(torch.fx.GraphModule(gm, graph), backend="inductor", dynamic=True, fullgraph=True)
 
 
 def _present_fields(batch: AtomsBatch) -> List[str]:

@@ -103,7 +103,7 @@ def _train_worker(
     buffers = setup["buffers"]
     executor = RankExecutor(
         mesh.pp_rank, graphs, programs.programs[mesh.pp_rank], device, peers=mesh.peers,
-        releases=send_releases(programs, mesh.pp_rank),
+        releases=send_releases(programs, mesh.pp_rank), inductor=setup.get("inductor", False),
     )
     param_names = list(params)
     n_out = len(joint["output_names"])
@@ -248,6 +248,7 @@ class PipelineTrainer:
         self.guards = shared["guards"]
         self.joint_meta: Dict[str, List[str]] = shared["joint"]
         self.dump_dir = shared["dump_dir"]
+        self.inductor: bool = shared["inductor"]
         if self.dump_dir and self.dag is not None:
             self.dump_schedule(self.dump_dir)
 
@@ -281,6 +282,7 @@ class PipelineTrainer:
                 "output_names": self.joint.output_names,
             },
             "dump_dir": self.compiled.options.dump_dir,
+            "inductor": self.compiled.options.inductor,
         }
 
     def _wavek_limits(self, graphs: StageGraphs, example_batch: AtomsBatch) -> Dict[str, Any]:
@@ -344,6 +346,7 @@ class PipelineTrainer:
             "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
             "microbatches": self.microbatches,
             "mesh": (self.stages, self.data_parallel, self.graph_parallel),
+            "inductor": self.inductor,
         }
 
     def dump_schedule(self, dump_dir: str) -> None:

@@ -155,8 +155,11 @@ class RankExecutor:
         device: torch.device,
         peers: Optional[Sequence[int]] = None,
         releases: Optional[Mapping[int, Sequence[int]]] = None,
+        inductor: bool = False,
     ) -> None:
         self.rank = rank
+        self.inductor = inductor
+        self._compiled: Dict[GroupKey, Callable[..., Any]] = {}  # group -> its graph through TorchInductor
         self.peers = list(peers) if peers is not None else None
         self.world_rank = self.peers[rank] if self.peers is not None else rank
         self.graphs = graphs
@@ -216,7 +219,7 @@ class RankExecutor:
                 key = (action.chunk, action.phase)
                 env = envs[action.mb]
                 args = [env[name] for name in self.graphs.inputs[key]]
-                outs = self.graphs.groups[key](*args)
+                outs = self._group_fn(key)(*args)
                 env.update(zip(self.graphs.outputs[key], outs))
                 if on_compute is not None:
                     on_compute(k, dict(zip(self.graphs.outputs[key], outs)))
@@ -258,6 +261,17 @@ class RankExecutor:
         for works in pending.values():
             self._wait_sends(works)
         return self._collect(envs, events)
+
+    def _group_fn(self, key: GroupKey) -> Callable[..., Any]:
+        """The group's graph, or (option ``inductor``) the graph compiled by TorchInductor
+        on its first run."""
+        if not self.inductor:
+            return self.graphs.groups[key]
+        if key not in self._compiled:
+            from janus_compile.compiled import compile_with_inductor
+
+            self._compiled[key] = compile_with_inductor(self.graphs.groups[key])
+        return self._compiled[key]
 
     def _wait_sends(self, works: List[Any]) -> None:
         try:
