@@ -54,7 +54,7 @@ def _pipeline_train_and_report(args, structures) -> int:
     trainer = PipelineTrainer(
         model, batches[0], loss=loss, stages=args.stages, chunks=args.chunks, microbatches=args.microbatches,
         schedule=args.schedule, data_parallel=args.data_parallel, graph_parallel=args.graph_parallel,
-        dump_dir=args.dump_dir,
+        dump_dir=args.dump_dir, device=args.device, inductor=args.inductor,
     )
     part = trainer.partition
     print(f"partition ({part.method}): max/mean rank time {part.imbalance():.3f}; simulated bubble "
@@ -89,10 +89,11 @@ def _train_and_report(args, structures) -> int:
     from .losses import EnergyForceLoss
     from .training import make_batches, train
 
-    batches = make_batches(structures, args.batch_size, args.cutoff, DTYPES[args.dtype], args.seed)
-    model = _model(args)
+    device = getattr(args, "device", "cpu")
+    batches = [b.to(device) for b in make_batches(structures, args.batch_size, args.cutoff, DTYPES[args.dtype], args.seed)]
+    model = _model(args).to(device)
     loss = EnergyForceLoss(energy_weight=1.0, force_weight=args.force_weight, stress_weight=args.stress_weight)
-    compiled = janus_compile.compile(model, batches[0], loss=loss, dump_dir=args.dump_dir)
+    compiled = janus_compile.compile(model, batches[0], loss=loss, dump_dir=args.dump_dir, inductor=getattr(args, "inductor", False))
     print(
         f"{args.model}: {sum(p.numel() for p in model.parameters())} parameters, {len(structures)} structures "
         f"in {len(batches)} batches; joint graph captured once ({len(compiled._joint_graphs[0].gm.graph.nodes)} nodes)"
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-parallel", type=int, default=1, help="data-parallel replicas (dp)")
         p.add_argument("--graph-parallel", type=int, default=1, help="ranks sharing every micro-batch's edges (gp)")
         p.add_argument("--schedule", default="wavek", choices=["wavek", "1f1b", "hanayo", "gpipe"])
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="pipeline workers: CPU (gloo) or one GPU each (NCCL)")
+        p.add_argument("--inductor", action="store_true", help="run every stage graph through TorchInductor")
 
     demo = sub.add_parser("demo", help="pipeline-train a reference model on built-in EMT data (4 local processes, WaveK)")
     _add_model_args(demo)

@@ -39,6 +39,7 @@ class JanusOptions:
     memory_cap_gb: Optional[float] = None  # per rank: bounds the ILP and WaveK's in-flight search
     max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; 2P with a memory cap)
     calibrate: bool = True
+    device: str = "cpu"  # pipeline workers: "cpu" (gloo) or "cuda" (one GPU per process, NCCL)
     inductor: bool = False  # run the joint graph (one process) or each stage graph (workers) through TorchInductor
     dump_dir: Optional[str] = None
 
@@ -72,6 +73,10 @@ class JanusOptions:
             raise OptionsError(f"option 'max_in_flight' must be a positive integer or None, got {self.max_in_flight!r}")
         if self.memory_cap_gb is not None and not self.memory_cap_gb > 0:
             raise OptionsError(f"option 'memory_cap_gb' must be positive (GB per rank), got {self.memory_cap_gb!r}")
+        if not isinstance(self.device, str) or self.device not in ("cpu", "cuda"):
+            raise OptionsError(
+                f"option 'device' must be 'cpu' or 'cuda' (each pipeline worker then takes its own GPU), got {self.device!r}"
+            )
         if not isinstance(self.inductor, bool):
             raise OptionsError(f"option 'inductor' must be True or False, got {self.inductor!r}")
         if self.schedule not in SCHEDULES:

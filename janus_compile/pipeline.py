@@ -30,7 +30,7 @@ from .data.collate import edge_shard, split_microbatches
 from .losses import EnergyForceLoss
 from .options import JanusOptions
 from .runtime.executor import RankExecutor, StageGraphs
-from .runtime.launch import init_from_env, launch_local, torchrun_world
+from .runtime.launch import backend_for, init_from_env, launch_local, local_device, torchrun_world
 from .runtime.program import ProgramSet, send_releases
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,13 @@ def _train_worker(
     programs = ProgramSet.from_json(setup["programs"])
     joint = setup["joint"]
     pp, dp, gp = setup["mesh"]
-    device = torch.device("cpu")
+    device = local_device(setup.get("device", "cpu"), rank)
+    if device.type != "cpu":
+        graphs = graphs.on_device(device)  # tensors the graphs create, and their constants
     mesh = init_parallel_mesh(pp, dp, gp, device.type)
     set_graph_parallel_group(mesh.gp_group)
-    params = {k: v.clone().requires_grad_(False) for k, v in setup["params"].items()}
-    buffers = setup["buffers"]
+    params = {k: v.detach().to(device, copy=True).requires_grad_(False) for k, v in setup["params"].items()}
+    buffers = {k: v.to(device) for k, v in setup["buffers"].items()}
     executor = RankExecutor(
         mesh.pp_rank, graphs, programs.programs[mesh.pp_rank], device, peers=mesh.peers,
         releases=send_releases(programs, mesh.pp_rank), inductor=setup.get("inductor", False),
@@ -131,7 +133,7 @@ def _train_worker(
     for epoch in range(start_epoch, epochs):
         for b, batch in enumerate(batches):
             mbs = local_microbatches(batch, m, mesh.dp_rank, dp, mesh.gp_rank, gp)
-            inputs = [_flat_inputs(joint, params, buffers, mb) for mb in mbs]
+            inputs = [_flat_inputs(joint, params, buffers, mb.to(device)) for mb in mbs]
             sizes = [size_values_from_batch(mb) for mb in mbs]
             dist.barrier()
             t0 = time.perf_counter()
@@ -142,7 +144,7 @@ def _train_worker(
             sync.start()
             result = executor.run(inputs, sizes, trace=last, step=step, on_compute=sync.on_compute)
             last_trace = result.trace or last_trace
-            loss = torch.zeros((), dtype=torch.float64)
+            loss = torch.zeros((), dtype=torch.float64, device=device)
             for outs in result.outputs.values():
                 if graphs.output_args[0] in outs:
                     loss = loss + outs[graphs.output_args[0]].double()
@@ -157,7 +159,9 @@ def _train_worker(
             last_grads = grads
             if last and return_grads and mesh.gp_rank == 0:
                 for k, outs in result.outputs.items():
-                    found = {name: outs[arg] for name, arg in zip(joint["output_names"], output_args) if isinstance(arg, str) and arg in outs}
+                    found = {
+                        name: outs[arg].cpu() for name, arg in zip(joint["output_names"], output_args) if isinstance(arg, str) and arg in outs
+                    }
                     if found:
                         last_outputs[mesh.dp_rank * m + k] = found
             step += 1
@@ -167,9 +171,9 @@ def _train_worker(
         "losses": losses,
         "step_times": step_times,
         "trace": last_trace,
-        "grads": last_grads if return_grads else None,
+        "grads": {k: g.cpu() for k, g in last_grads.items()} if return_grads else None,
         "outputs": last_outputs if return_grads else None,
-        "params": params if rank == 0 else None,
+        "params": {k: p.cpu() for k, p in params.items()} if rank == 0 else None,
         "coordinate": mesh.coordinate,
         "grad_sync": [{"bucket": e["bucket"], "after_action": e["after_action"]} for e in sync.launched],
         "program_length": len(program.actions),
@@ -217,7 +221,7 @@ class PipelineTrainer:
         self.step_times: List[float] = []
         self.torchrun = torchrun_world()
         if self.torchrun is not None:
-            init_from_env(timeout_s)
+            init_from_env(timeout_s, backend_for(options.get("device", "cpu")))
             if dist.get_world_size() != self.world_size:
                 raise ValueError(
                     f"torchrun started {dist.get_world_size()} processes but the mesh (pp, dp, gp) = "
@@ -249,6 +253,7 @@ class PipelineTrainer:
         self.joint_meta: Dict[str, List[str]] = shared["joint"]
         self.dump_dir = shared["dump_dir"]
         self.inductor: bool = shared["inductor"]
+        self.device: str = shared["device"]
         if self.dump_dir and self.dag is not None:
             self.dump_schedule(self.dump_dir)
 
@@ -283,6 +288,7 @@ class PipelineTrainer:
             },
             "dump_dir": self.compiled.options.dump_dir,
             "inductor": self.compiled.options.inductor,
+            "device": self.compiled.options.device,
         }
 
     def _wavek_limits(self, graphs: StageGraphs, example_batch: AtomsBatch) -> Dict[str, Any]:
@@ -347,6 +353,7 @@ class PipelineTrainer:
             "microbatches": self.microbatches,
             "mesh": (self.stages, self.data_parallel, self.graph_parallel),
             "inductor": self.inductor,
+            "device": self.device,
         }
 
     def dump_schedule(self, dump_dir: str) -> None:
@@ -401,7 +408,7 @@ class PipelineTrainer:
             results: List[Any] = [None] * world
             dist.all_gather_object(results, mine)
         else:
-            results = launch_local(_train_worker, self.world_size, args, timeout_s=self.timeout_s)
+            results = launch_local(_train_worker, self.world_size, args, timeout_s=self.timeout_s, backend=backend_for(self.device))
         self.step_times = [max(r["step_times"][k] for r in results) for k in range(len(results[0]["step_times"]))]
         if self.dump_dir and (self.torchrun is None or self.torchrun[0] == 0):
             # the pipeline of replica 0, edge shard 0: one rank per stage

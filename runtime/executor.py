@@ -95,6 +95,14 @@ class StageGraphs:
         )
 
 
+    def on_device(self, device: torch.device) -> "StageGraphs":
+        """The same graphs creating their tensors on ``device`` (`passes.devices`)."""
+        from janus_compile.passes.devices import retarget_devices
+
+        groups = {key: retarget_devices(gm, device) for key, gm in self.groups.items()}
+        return StageGraphs(groups, self.inputs, self.outputs, self.input_names, self.output_args, self.specs)
+
+
 @dataclass
 class StepResult:
     outputs: Dict[int, Dict[str, torch.Tensor]]  # mb -> joint output name -> value (those this rank computed)

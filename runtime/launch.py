@@ -33,8 +33,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(rank: int, world_size: int, port: int, timeout_s: float, backend: Optional[str] = None) -> None:
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+def backend_for(device_type: str) -> str:
+    """The process-group backend for tensors on ``device_type``: NCCL for CUDA, gloo for
+    the CPU. It follows where the tensors live, not whether the machine has a GPU: CPU
+    ranks on a GPU machine still need gloo (NCCL moves CUDA tensors only)."""
+    if device_type == "cuda":
+        return "nccl"
+    if device_type == "cpu":
+        return "gloo"
+    raise ValueError(f"no process-group backend for device type {device_type!r}; use 'cpu' or 'cuda'")
+
+
+def local_device(device_type: str, rank: int) -> torch.device:
+    """This process's device: the CPU, or its own GPU (``LOCAL_RANK`` under torchrun, else
+    the rank modulo the GPUs this machine has)."""
+    if device_type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but this process sees no CUDA device: use device='cpu'")
+    index = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_process_group(rank: int, world_size: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
     dist.init_process_group(
         backend,
         init_method=f"tcp://127.0.0.1:{port}",
@@ -52,21 +74,24 @@ def torchrun_world() -> Optional[tuple]:
     return None
 
 
-def init_from_env(timeout_s: float, backend: Optional[str] = None) -> None:
+def init_from_env(timeout_s: float, backend: str = "gloo") -> None:
     """Join the process group torchrun set up (no-op if this process already has one)."""
     if dist.is_initialized():
         return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple, out_dir: str) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple, out_dir: str, backend: str = "gloo"
+) -> None:
     torch.set_num_threads(1)
     path = Path(out_dir) / f"rank{rank}.pt"
     try:
-        init_process_group(rank, world_size, port, timeout_s)
+        if backend == "nccl":
+            local_device("cuda", rank)
+        init_process_group(rank, world_size, port, timeout_s, backend)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException as exc:  # report every failure to the parent, with its traceback
@@ -77,15 +102,17 @@ def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callabl
             dist.destroy_process_group()
 
 
-def launch_local(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 120.0) -> List[Any]:
+def launch_local(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 120.0, backend: str = "gloo") -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results.
 
     ``fn`` must be importable (a module-level function): workers are spawned, not forked.
+    ``backend``: "gloo" (CPU tensors) or "nccl" (each process takes its own GPU).
     """
     with tempfile.TemporaryDirectory(prefix="januspipe_run_") as out_dir:
         port = free_port()
         ctx = mp.start_processes(
-            _worker, args=(world_size, port, timeout_s, fn, args, out_dir), nprocs=world_size, join=False, start_method="spawn"
+            _worker, args=(world_size, port, timeout_s, fn, args, out_dir, backend), nprocs=world_size, join=False,
+            start_method="spawn",
         )
         failure = None
         try:
