@@ -34,7 +34,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("1f1b", "hanayo", "wavek", "gpipe")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from .options import AUTO_CHUNKS, chunks_arg
 from .passes.symfold_ilp import OPTIMIZER_COPIES
 
 EQUAL_MEMORY = "wavek@1f1b-mem"
@@ -61,7 +62,7 @@ class BenchConfig:
     dtype: str = "float32"
     seed: int = 0
     stages: int = 2
-    chunks: int = 1  # K for wavek and gpipe; hanayo always uses 2, 1f1b 1
+    chunks: Union[int, str] = "auto"  # K for wavek and gpipe ("auto": the faster of 1, 2 simulated); hanayo 2, 1f1b 1
     microbatches: List[int] = field(default_factory=lambda: [4])
     schedules: List[str] = field(default_factory=lambda: list(SCHEDULES))
     repeats: int = 3
@@ -93,7 +94,9 @@ class BenchConfig:
         bad = [s for s in self.schedules if s not in SCHEDULES]
         if bad:
             raise ValueError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
-        for name in ("stages", "chunks", "repeats", "steps", "mb_structures", "atoms", "threads"):
+        if self.chunks != AUTO_CHUNKS and not (isinstance(self.chunks, int) and self.chunks >= 1):
+            raise ValueError(f"chunks must be a positive integer or {AUTO_CHUNKS!r}, got {self.chunks!r}")
+        for name in ("stages", "repeats", "steps", "mb_structures", "atoms", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -319,7 +322,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             sched = "wavek" if name == EQUAL_MEMORY else name
             t0 = time.perf_counter()
             model = build_bench_model(cfg.model, cfg.hidden, cfg.layers, cfg.cutoff, cfg.dtype, cfg.seed)
-            chunks = 1 if sched == "1f1b" else cfg.chunks
+            chunks = {"1f1b": 1, "hanayo": 2}.get(sched, cfg.chunks)
             extra: Dict[str, Any] = {"dump_dir": os.path.join(cfg.dump_dir, f"{name}-M{M}")} if cfg.dump_dir else {}
             if name == EQUAL_MEMORY:
                 # the trainer's cap counts parameters, gradients and Adam moments on top of the replay
@@ -383,6 +386,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             recv_tensors = [sum(len(a.tensors) for a in prog.actions if isinstance(a, Recv)) for prog in tr.programs.programs]
             per[sched] = {
                 "chunks": tr.chunks,
+                "chunks_tried": {str(k): t for k, t in tr.chunks_tried.items()},
                 "partition": tr.partition.method,
                 "build_s": build_s[sched],
                 "step_s": st,
@@ -884,7 +888,10 @@ def config_from_args(args: Any) -> BenchConfig:
 
 def add_bench_args(p: Any) -> None:
     p.add_argument("--stages", type=int, default=2, help="P: pipeline stages = local processes")
-    p.add_argument("--chunks", type=int, default=1, help="K for wavek and gpipe (hanayo always 2, 1f1b 1)")
+    p.add_argument(
+        "--chunks", type=chunks_arg, default="auto",
+        help="K for wavek and gpipe: a number, or auto (default: the faster of K = 1 and 2 in the simulator); hanayo always 2, 1f1b 1",
+    )
     p.add_argument("--microbatches", type=int, nargs="+", default=[4], help="M, one or more (e.g. 4 8 16)")
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     p.add_argument("--repeats", type=int, default=3, help="rounds; schedules alternate round-robin within each")

@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import torch
 
+from .options import chunks_arg
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -57,6 +59,8 @@ def _pipeline_train_and_report(args, structures) -> int:
         dump_dir=args.dump_dir, device=args.device, inductor=args.inductor,
     )
     part = trainer.partition
+    if trainer.chunks_tried:
+        print("chunks auto: " + ", ".join(f"K={k} simulated step {1e3 * t:.1f} ms" for k, t in trainer.chunks_tried.items()) + f"; K={trainer.chunks} kept")
     print(f"partition ({part.method}): max/mean rank time {part.imbalance():.3f}; simulated bubble "
           f"{100 * trainer.programs.meta['simulated']['bubble_fraction']:.1f}%")
     losses = trainer.train(batches, epochs=args.epochs, lr=args.lr, checkpoint=args.checkpoint, resume=getattr(args, "resume", False))
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stress-weight", type=float, default=0.0)
         p.add_argument("--checkpoint", default=None, help="write an (atomic) checkpoint here after each epoch")
         p.add_argument("--stages", type=int, default=1, help="pipeline stages = local processes (1: single process)")
-        p.add_argument("--chunks", type=int, default=1, help="chunks per stage (K)")
+        p.add_argument("--chunks", type=chunks_arg, default=1, help="chunks per stage (K), or auto: the faster of K = 1 and 2 in the simulator (wavek, gpipe)")
         p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch and replica (M)")
         p.add_argument("--data-parallel", type=int, default=1, help="data-parallel replicas (dp)")
         p.add_argument("--graph-parallel", type=int, default=1, help="ranks sharing every micro-batch's edges (gp)")

@@ -11,6 +11,7 @@ never a run on sizes a graph was not valid for.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -38,6 +39,7 @@ class CompiledMLIP(nn.Module):
         self._force_graphs: List[ForceGraph] = []
         self._joint_graphs: List[JointGraph] = []
         self._partitions: Dict[int, Any] = {}  # id(joint graph) -> Partition
+        self._node_times: Dict[int, Any] = {}  # id(joint graph) -> calibrated per-node times
         self._inductor: Dict[int, Any] = {}  # id(joint graph) -> its GraphModule compiled by TorchInductor
         self.graph_parallel_reports: Dict[int, Any] = {}  # id(joint graph) -> GraphParallelReport
         self._dumped = False
@@ -95,9 +97,11 @@ class CompiledMLIP(nn.Module):
         sizes = size_values_from_batch(batch)
         node_times = None
         if opts.calibrate and opts.pipelined:
-            params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
-            device = batch.positions.device.type
-            node_times = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
+            if id(graph) not in self._node_times:
+                params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+                device = batch.positions.device.type
+                self._node_times[id(graph)] = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
+            node_times = self._node_times[id(graph)]
         cap = None if opts.memory_cap_gb is None else opts.memory_cap_gb * 1e9
         return partition_graph(
             graph.gm,
@@ -119,6 +123,26 @@ class CompiledMLIP(nn.Module):
         if id(graph) not in self._partitions:
             self._partitions[id(graph)] = self._partition(graph, batch)
         return self._partitions[id(graph)]
+
+    def repartition(self, batch: AtomsBatch, chunks: int, partition: Any = None):
+        """Partition this batch's joint graph again with ``chunks`` per stage (the same
+        calibration: candidates differ by their K alone), or adopt ``partition`` (made
+        earlier with that K), and make it the one in use."""
+        opts = dataclasses.replace(self.options, chunks=chunks)
+        opts.validate()
+        graph = self.joint_graph(batch)
+        self.options = opts
+        if partition is None and not (chunks == getattr(self._partitions.get(id(graph)), "chunks", None)):
+            partition = self._partition(graph, batch)
+        if partition is not None:
+            self._partitions[id(graph)] = partition
+        return self._partitions[id(graph)]
+
+    def write_partition_dump(self, batch: AtomsBatch) -> None:
+        """Write the partition in use for this batch's sizes (after `repartition`)."""
+        if self.options.dump_dir:
+            graph = self.joint_graph(batch)
+            dump_partition(self.options.dump_dir, self.partition(batch), graph)
 
     # -- running -------------------------------------------------------------------------
     def forward(self, batch: AtomsBatch) -> Dict[str, torch.Tensor]:
@@ -161,13 +185,57 @@ class CompiledMLIP(nn.Module):
 _SIZE_QUERIES = {torch.ops.aten.sym_size.int: "size", torch.ops.aten.sym_numel.default: "numel"}
 
 
+def _single_row_target(node: torch.fx.Node, dim: int) -> bool:
+    """Whether the tensor ``node`` accumulates into has exactly one row along ``dim``."""
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    shape = getattr(val, "shape", None)
+    return shape is not None and len(shape) > dim and isinstance(shape[dim], int) and shape[dim] == 1
+
+
+def _sum_into_single_rows(graph: torch.fx.Graph) -> None:
+    """Scatter-adds into a target of one row (per-structure sums of a one-structure batch,
+    whose size tracing fixed to 1) as plain sums: every index is 0, so
+    ``index_add(x, d, i, src) = x + src.sum(d, keepdim=True)``, and the same for
+    ``index_put(x, [i], v, accumulate=True)`` along dim 0. Inductor's vectorised CPU code
+    for an atomic add with a constant index fails an internal assertion when it runs on
+    more than one thread (torch 2.13); a sum avoids the atomic add altogether."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.index_add.default and len(node.args) >= 4 and _single_row_target(node, int(node.args[1])):
+            x, dim, _, src = node.args[:4]
+            alpha = node.kwargs.get("alpha", 1)
+        elif (
+            node.target is aten.index_put.default and len(node.args) >= 4 and node.args[3] is True
+            and len(node.args[1]) == 1 and _single_row_target(node, 0)
+        ):
+            x, _, src, _ = node.args[:4]
+            dim, alpha = 0, 1
+            # values broadcast to (len(index), *x.shape[1:]); summing over the index dim
+            # needs that dim present
+            if getattr(src.meta.get("val"), "dim", lambda: -1)() != getattr(x.meta.get("val"), "dim", lambda: -2)():
+                continue
+        else:
+            continue
+        with graph.inserting_before(node):
+            total = graph.call_function(aten.sum.dim_IntList, (src, [dim], True))
+            if alpha != 1:
+                total = graph.call_function(aten.mul.Tensor, (total, alpha))
+            summed = graph.call_function(aten.add.Tensor, (x, total))
+        summed.meta = dict(node.meta)
+        node.replace_all_uses_with(summed)
+        graph.erase_node(node)
+
+
 def compile_with_inductor(gm: torch.fx.GraphModule) -> Callable[..., Any]:
     """``gm`` through TorchInductor, compiled on the first call with dynamic sizes: every
     training batch has its own atom and edge counts, and one kernel set serves them all.
 
     Symbolic tracing recorded size queries as ``aten.sym_size`` / ``aten.sym_numel`` ops,
     which Dynamo refuses to trace (an op returning a non-tensor); a copy of the graph asks
-    the tensor instead (``x.size(d)``, ``x.numel()``), the same values."""
+    the tensor instead (``x.size(d)``, ``x.numel()``), the same values. Scatter-adds into
+    one row become sums (`_sum_into_single_rows`)."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     for node in list(graph.nodes):
@@ -177,6 +245,7 @@ def compile_with_inductor(gm: torch.fx.GraphModule) -> Callable[..., Any]:
             query.meta = dict(node.meta)
             node.replace_all_uses_with(query)
             graph.erase_node(node)
+    _sum_into_single_rows(graph)
     graph.lint()
     return torch.compile(torch.fx.GraphModule(gm, graph), backend="inductor", dynamic=True, fullgraph=True)
 

@@ -213,6 +213,8 @@ def dump_partition(dump_dir: Union[str, os.PathLike], partition, joint_graph=Non
     """partition.json / partition.md, the ILP as symfold.lp, one file per split graph, the chunk .dot."""
     root = Path(dump_dir)
     (root / "split").mkdir(parents=True, exist_ok=True)
+    for stale in (root / "split").glob("chunk*_*.py"):  # a partition written earlier (another K)
+        stale.unlink()
     report = partition_report(partition)
     _write(root / "partition.json", json.dumps(report, indent=2, default=str))
     _write(root / "partition.md", partition_markdown(report))

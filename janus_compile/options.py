@@ -1,6 +1,8 @@
 """Options of the `januspipe` backend and of `janus_compile.compile`, checked up front."""
 from __future__ import annotations
 
+import argparse
+
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
@@ -14,6 +16,22 @@ REPLICATE = ("auto", "always", "never")
 
 class OptionsError(JanusError, ValueError):
     """An option has an unknown name or a value out of range."""
+
+
+AUTO_CHUNKS = "auto"  # PipelineTrainer(chunks='auto'): simulate K = 1 and K = 2, keep the faster
+
+
+def chunks_arg(text: str) -> Any:
+    """Command-line K: a positive number or 'auto'."""
+    if text == AUTO_CHUNKS:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"chunks must be a positive integer or {AUTO_CHUNKS!r}, got {text!r}")
+    return value
 
 
 @dataclass

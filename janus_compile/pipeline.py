@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from .compiled import CompiledMLIP, compile as compile_model, size_values_from_batch
 from .data.batch import AtomsBatch
 from .data.batch import BatchError
 from .data.collate import edge_shard, split_microbatches
 from .losses import EnergyForceLoss
-from .options import JanusOptions
+from .options import AUTO_CHUNKS, JanusOptions
+from .passes.symfold_ilp import PartitionError
 from .runtime.executor import RankExecutor, StageGraphs
 from .runtime.launch import backend_for, init_from_env, launch_local, local_device, torchrun_world
 from .runtime.program import ProgramSet, send_releases
@@ -36,6 +38,7 @@ from .runtime.program import ProgramSet, send_releases
 log = logging.getLogger(__name__)
 
 PARTITION_OF_SCHEDULE = {"1f1b": "unfolded"}
+AUTO_CHUNK_CANDIDATES = (1, 2)  # what chunks='auto' tries
 
 
 @dataclass
@@ -130,6 +133,11 @@ def _train_worker(
     step = 0
     start_epoch = setup.get("start_epoch", 0)
     m = setup["microbatches"]
+    progress = setup.get("progress", False)
+    bar = tqdm(
+        total=(epochs - start_epoch) * len(batches), desc="pipeline steps", unit="step", leave=False,
+        disable=True if rank != 0 or progress is False else (None if progress is None else False),
+    )
     for epoch in range(start_epoch, epochs):
         for b, batch in enumerate(batches):
             mbs = local_microbatches(batch, m, mesh.dp_rank, dp, mesh.gp_rank, gp)
@@ -157,6 +165,8 @@ def _train_worker(
                     params[n].grad = grads[n]
                 optimizer.step()
             last_grads = grads
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{step_loss:.4g}", step_ms=f"{1e3 * step_times[-1]:.0f}")
+            bar.update()
             if last and return_grads and mesh.gp_rank == 0:
                 for k, outs in result.outputs.items():
                     found = {
@@ -167,6 +177,7 @@ def _train_worker(
             step += 1
         if setup.get("checkpoint") and rank == 0 and optimizer is not None:
             write_checkpoint(setup["checkpoint"], {**params, **buffers}, optimizer.state_dict(), epoch)
+    bar.close()
     return {
         "losses": losses,
         "step_times": step_times,
@@ -184,7 +195,9 @@ class PipelineTrainer:
     """Training of a conservative MLIP on a (pp, dp, gp) mesh of processes.
 
     ``schedule``: "wavek" (ours), "1f1b" (unfolded partition, the classic baseline),
-    "hanayo" (wave, 2 chunks per rank), "gpipe".
+    "hanayo" (wave, 2 chunks per rank), "gpipe". ``chunks``: K chunks per stage, or
+    "auto" (wavek, gpipe) to partition and schedule with K = 1 and K = 2 and keep the
+    faster in the simulator (same calibration; ``chunks_tried`` has both figures).
 
     Started normally, the trainer spawns ``world_size`` local processes for every
     `train` / `gradients` call. Started by ``torchrun`` (one process per rank, on one or
@@ -201,7 +214,7 @@ class PipelineTrainer:
         example_batch: AtomsBatch,
         loss: Optional[Any] = None,
         stages: int = 2,
-        chunks: int = 1,
+        chunks: Union[int, str] = 1,
         microbatches: int = 2,
         schedule: str = "wavek",
         partition: Optional[str] = None,
@@ -213,6 +226,12 @@ class PipelineTrainer:
         partition = partition or PARTITION_OF_SCHEDULE.get(schedule, "symfold")
         if schedule == "hanayo" and chunks == 1:
             chunks = 2  # Hanayo is a wave schedule: two chunks per rank
+        if chunks == AUTO_CHUNKS and (schedule not in ("wavek", "gpipe") or partition != "symfold"):
+            raise ValueError(
+                f"chunks='auto' picks K for the wavek and gpipe schedules on a SymFold partition, not for "
+                f"schedule={schedule!r}, partition={partition!r}: give chunks as a number"
+            )
+        self.chunks_tried: Dict[int, float] = {}  # with chunks='auto': K -> simulated step (s)
         self.model = model
         self.loss = loss if loss is not None else EnergyForceLoss()
         self.stages, self.chunks, self.microbatches, self.schedule = stages, chunks, microbatches, schedule
@@ -254,6 +273,7 @@ class PipelineTrainer:
         self.dump_dir = shared["dump_dir"]
         self.inductor: bool = shared["inductor"]
         self.device: str = shared["device"]
+        self.chunks = shared["chunks"]
         if self.dump_dir and self.dag is not None:
             self.dump_schedule(self.dump_dir)
 
@@ -264,17 +284,38 @@ class PipelineTrainer:
 
         microbatches, schedule = self.microbatches, self.schedule
         example_mb = local_microbatches(example_batch, microbatches, 0, self.data_parallel, 0, 1)[0]
+        auto = self.chunks == AUTO_CHUNKS
         self.compiled = compile_model(
-            model, example_mb, loss=self.loss, stages=self.stages, chunks=self.chunks, microbatches=microbatches,
-            schedule=schedule, partition=partition, data_parallel=self.data_parallel,
+            model, example_mb, loss=self.loss, stages=self.stages, chunks=1 if auto else self.chunks,
+            microbatches=microbatches, schedule=schedule, partition=partition, data_parallel=self.data_parallel,
             graph_parallel=self.graph_parallel, **options,
         )
         self.joint = self.compiled.joint_graph(example_mb)
-        self.partition = self.compiled.partition(example_mb)
-        self.dag = PipelineDAG.from_partition(self.partition, microbatches)
-        graphs = StageGraphs.from_plan(self.partition.plan)
-        limits = self._wavek_limits(graphs, example_batch) if schedule == "wavek" else {}
-        programs = make_programs(self.dag, schedule, **limits)  # validated: deadlock-free
+        best = None
+        for k in AUTO_CHUNK_CANDIDATES if auto else (self.chunks,):
+            if auto:
+                try:
+                    self.compiled.repartition(example_mb, k)
+                except PartitionError as exc:  # too few units for K·P chunks: K = 1 stays
+                    log.info("chunks='auto': K=%d skipped: %s", k, exc)
+                    continue
+            part = self.compiled.partition(example_mb)
+            dag = PipelineDAG.from_partition(part, microbatches)
+            graphs = StageGraphs.from_plan(part.plan)
+            limits = self._wavek_limits(graphs, example_batch) if schedule == "wavek" else {}
+            programs = make_programs(dag, schedule, **limits)  # validated: deadlock-free
+            makespan = programs.meta["simulated"]["makespan_s"]
+            if auto:
+                self.chunks_tried[k] = makespan
+                log.info("chunks='auto': K=%d simulated step %.4g s", k, makespan)
+            if best is None or makespan < best[0]:  # ties keep the smaller K (fewer hops)
+                best = (makespan, k, part, dag, graphs, programs)
+        _, k, self.partition, self.dag, graphs, programs = best
+        if auto:
+            self.chunks = k
+            self.compiled.repartition(example_mb, k, self.partition)  # the kept partition is the one in use
+            self.compiled.write_partition_dump(example_mb)
+            programs.meta["chunks_tried"] = {str(c): t for c, t in self.chunks_tried.items()}
         return {
             "graphs": graphs,
             "programs": programs.to_json(),
@@ -289,6 +330,7 @@ class PipelineTrainer:
             "dump_dir": self.compiled.options.dump_dir,
             "inductor": self.compiled.options.inductor,
             "device": self.compiled.options.device,
+            "chunks": self.chunks,
         }
 
     def _wavek_limits(self, graphs: StageGraphs, example_batch: AtomsBatch) -> Dict[str, Any]:
@@ -437,18 +479,21 @@ class PipelineTrainer:
         lr: float = 1e-3,
         checkpoint: Optional[str] = None,
         resume: bool = False,
+        progress: Optional[bool] = None,
     ) -> List[float]:
         """Adam training for ``epochs`` over ``batches`` in P processes; returns the loss of
         every step run and loads the trained parameters back into the eager model.
 
         ``checkpoint``: written (atomically) after every epoch; it loads into the eager
         model with `janus_compile.training.load_checkpoint`. ``resume``: continue from it.
+        ``progress``: a progress bar of the steps (epoch, loss, step time), drawn by the
+        first worker on standard error; None (default) draws it on a terminal only.
         """
         from pathlib import Path
 
         from .training import load_checkpoint
 
-        setup: Dict[str, Any] = {"checkpoint": checkpoint}
+        setup: Dict[str, Any] = {"checkpoint": checkpoint, "progress": progress}
         if resume and checkpoint and Path(checkpoint).exists():
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             setup["start_epoch"] = load_checkpoint(checkpoint, self.model)

@@ -168,7 +168,9 @@ def _child(conn: Any, cfg: StepBenchConfig, model_name: str, variant: str) -> No
     try:
         conn.send(("ok", _measure(cfg, model_name, variant)))
     except BaseException as exc:  # reported by the parent, with the variant that failed
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        import traceback
+
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
         conn.close()
 

@@ -51,6 +51,29 @@ def test_inductor_train_step_equals_eager_across_batch_sizes():
     assert len(compiled._inductor) == 1  # one compiled graph (same guards), no re-capture
 
 
+def test_one_structure_batch_on_two_threads_equals_eager():
+    """A one-structure batch traces its per-structure sums as scatter-adds into one row;
+    inductor's vectorised CPU atomic add fails on those with more than one thread, so
+    they are compiled as sums (`compiled._sum_into_single_rows`). Exact, not just running."""
+    from janus_compile.compiled import _sum_into_single_rows
+
+    model = _model("schnet")
+    batch = random_batch(4, 1)
+    compiled = janus_compile.compile(model, batch, loss=LOSS, inductor=True)
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(compiled.joint_graph(batch).gm.graph, {}))
+    scatters = lambda g: sum(n.target in (torch.ops.aten.index_add.default, torch.ops.aten.index_put.default) for n in g.nodes)
+    before = scatters(graph)
+    _sum_into_single_rows(graph)
+    assert scatters(graph) < before  # the per-structure sums were rewritten
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(model, compiled, batch, "schnet inductor, one structure, 2 threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["painn", "nequip"])
 def test_inductor_train_step_equals_eager_other_models(name):

@@ -144,3 +144,29 @@ def test_memory_cap_below_what_any_schedule_needs_is_refused(cap_gb, message):
     batch = random_batch(5, 4)
     with pytest.raises(Exception, match=message):
         PipelineTrainer(model, batch, loss=LOSS, stages=2, microbatches=4, schedule="wavek", calibrate=False, memory_cap_gb=cap_gb)
+
+
+def test_chunks_auto_keeps_the_faster_k_and_stays_exact(tmp_path):
+    """chunks='auto' partitions and schedules with K = 1 and K = 2 on one calibration and
+    keeps the one the simulator finds faster; the kept plan trains exactly."""
+    model = _model()
+    batch = random_batch(7, 4)
+    trainer = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", calibrate=False, dump_dir=str(tmp_path))
+    tried = trainer.chunks_tried
+    assert set(tried) == {1, 2}
+    assert trainer.chunks == min(tried, key=lambda k: (tried[k], k))
+    assert trainer.partition.chunks == trainer.chunks == trainer.compiled.options.chunks
+    assert trainer.programs.meta["simulated"]["makespan_s"] == pytest.approx(tried[trainer.chunks])
+    assert trainer.partition.num_chunks == 2 * trainer.chunks
+    split = sorted(p.name for p in (tmp_path / "split").glob("chunk*_F.py"))
+    assert len(split) == 2 * trainer.chunks, split  # the dump shows the kept partition only
+    out = trainer.gradients(batch)
+    ref_loss, ref_grads = _eager(model, batch)
+    assert_rel_close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, 1e-10, "loss")
+    for name, g in ref_grads.items():
+        assert_rel_close(out.grads[name], g, 1e-10, f"chunks=auto (K={trainer.chunks}) grad {name}")
+
+
+def test_chunks_auto_is_refused_where_k_is_fixed():
+    with pytest.raises(ValueError, match="chunks='auto' picks K for the wavek and gpipe schedules"):
+        PipelineTrainer(_model(), random_batch(7, 4), loss=LOSS, stages=2, chunks="auto", microbatches=2, schedule="1f1b", calibrate=False)
