@@ -26,6 +26,14 @@ def _eager(model, batch):
     return loss.detach(), dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
 
 
+def _assert_equals_eager(out, model, batch, what: str) -> None:
+    """Loss and every parameter gradient of a pipelined step equal eager's (float64, 1e-10)."""
+    ref_loss, ref_grads = _eager(model, batch)
+    assert_rel_close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, 1e-10, f"{what} loss")
+    for name, g in ref_grads.items():
+        assert_rel_close(out.grads[name], g, 1e-10, f"{what} grad {name}")
+
+
 FAST = [("wavek", 2, 1, 2), ("1f1b", 2, 1, 4), ("hanayo", 2, 2, 2), ("gpipe", 2, 2, 4)]
 FULL = [
     (s, p, k, m)
@@ -43,10 +51,7 @@ def test_gradients_equal_eager(schedule, stages, chunks, microbatches):
     batch = random_batch(3, max(4, microbatches))
     trainer = PipelineTrainer(model, batch, loss=LOSS, stages=stages, chunks=chunks, microbatches=microbatches, schedule=schedule, calibrate=False)
     out = trainer.gradients(batch)
-    ref_loss, ref_grads = _eager(model, batch)
-    assert_rel_close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, 1e-10, "loss")
-    for name, g in ref_grads.items():
-        assert_rel_close(out.grads[name], g, 1e-10, f"{schedule} P={stages} K={chunks} M={microbatches} grad {name}")
+    _assert_equals_eager(out, model, batch, f"{schedule} P={stages} K={chunks} M={microbatches}")
 
 
 def test_training_loss_curve_matches_eager():
@@ -126,10 +131,7 @@ def test_memory_cap_lets_wavek_keep_more_in_flight_and_stays_exact():
     assert _replayed_peak(trainer, batch) <= budget * (1 + 1e-9)
     assert max(meta["wavek_memory_bytes"]) == pytest.approx(_replayed_peak(trainer, batch))
     out = trainer.gradients(batch)
-    ref_loss, ref_grads = _eager(model, batch)
-    assert_rel_close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, 1e-10, "loss")
-    for name, g in ref_grads.items():
-        assert_rel_close(out.grads[name], g, 1e-10, f"memory-capped wavek grad {name}")
+    _assert_equals_eager(out, model, batch, "memory-capped wavek")
 
 
 @pytest.mark.parametrize(
@@ -161,10 +163,7 @@ def test_chunks_auto_keeps_the_faster_k_and_stays_exact(tmp_path):
     split = sorted(p.name for p in (tmp_path / "split").glob("chunk*_F.py"))
     assert len(split) == 2 * trainer.chunks, split  # the dump shows the kept partition only
     out = trainer.gradients(batch)
-    ref_loss, ref_grads = _eager(model, batch)
-    assert_rel_close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, 1e-10, "loss")
-    for name, g in ref_grads.items():
-        assert_rel_close(out.grads[name], g, 1e-10, f"chunks=auto (K={trainer.chunks}) grad {name}")
+    _assert_equals_eager(out, model, batch, f"chunks=auto (K={trainer.chunks})")
 
 
 def test_chunks_auto_is_refused_where_k_is_fixed():
