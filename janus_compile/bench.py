@@ -534,7 +534,9 @@ def _sim_schedules(
                 "wavek_cap": programs.meta.get("wavek_cap"),
                 "wavek_memory_fits": programs.meta.get("wavek_memory_fits"),
             }
-            if best is None or cand["makespan_s"] < best["makespan_s"]:
+            # a K whose schedule fits the memory budget beats one that fell back to the count cap
+            rank = (cand["wavek_memory_fits"] is False, cand["makespan_s"])
+            if best is None or rank < (best["wavek_memory_fits"] is False, best["makespan_s"]):
                 best = cand
         if best is not None:
             res[name] = best
