@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from .data.collate import edge_shard, split_microbatches
 from .losses import EnergyForceLoss
 from .options import AUTO_CHUNKS, JanusOptions
 from .passes.symfold_ilp import PartitionError
+from .passes.wavek import ScheduleError
 from .runtime.executor import RankExecutor, StageGraphs
 from .runtime.launch import backend_for, init_from_env, launch_local, local_device, torchrun_world
 from .runtime.program import ProgramSet, send_releases
@@ -291,25 +292,32 @@ class PipelineTrainer:
             graph_parallel=self.graph_parallel, **options,
         )
         self.joint = self.compiled.joint_graph(example_mb)
-        best = None
-        for k in AUTO_CHUNK_CANDIDATES if auto else (self.chunks,):
-            if auto:
-                try:
-                    self.compiled.repartition(example_mb, k)
-                except PartitionError as exc:  # too few units for K·P chunks: K = 1 stays
-                    log.info("chunks='auto': K=%d skipped: %s", k, exc)
-                    continue
-            part = self.compiled.partition(example_mb)
+        best, failures = None, []
+
+        def plan_with(k: int) -> Tuple[float, int, Any, Any, StageGraphs, ProgramSet]:
+            part = self.compiled.repartition(example_mb, k) if auto else self.compiled.partition(example_mb)
             dag = PipelineDAG.from_partition(part, microbatches)
             graphs = StageGraphs.from_plan(part.plan)
             limits = self._wavek_limits(graphs, example_batch) if schedule == "wavek" else {}
             programs = make_programs(dag, schedule, **limits)  # validated: deadlock-free
-            makespan = programs.meta["simulated"]["makespan_s"]
-            if auto:
-                self.chunks_tried[k] = makespan
-                log.info("chunks='auto': K=%d simulated step %.4g s", k, makespan)
-            if best is None or makespan < best[0]:  # ties keep the smaller K (fewer hops)
-                best = (makespan, k, part, dag, graphs, programs)
+            return programs.meta["simulated"]["makespan_s"], k, part, dag, graphs, programs
+
+        for k in AUTO_CHUNK_CANDIDATES if auto else (self.chunks,):
+            if not auto:
+                best = plan_with(k)
+                break
+            try:
+                cand = plan_with(k)
+            except (PartitionError, ScheduleError) as exc:  # too few units for K·P chunks, or over the memory cap
+                log.info("chunks='auto': K=%d skipped: %s", k, exc)
+                failures.append(exc)
+                continue
+            self.chunks_tried[k] = cand[0]
+            log.info("chunks='auto': K=%d simulated step %.4g s", k, cand[0])
+            if best is None or cand[0] < best[0]:  # ties keep the smaller K (fewer hops)
+                best = cand
+        if best is None:
+            raise failures[-1]  # no K worked: the reason of the last one
         _, k, self.partition, self.dag, graphs, programs = best
         if auto:
             self.chunks = k

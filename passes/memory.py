@@ -51,10 +51,16 @@ class RankMemory:
 
 
 def _is_alias(node: fx.Node) -> bool:
-    """Outputs that share their first argument's storage (views, tuple items)."""
+    """Outputs that share their first argument's storage: views, tuple items, and in-place
+    ops (``copy_``, ``add_``, ...), which return the tensor they wrote into (e3nn fills
+    preallocated buffers this way; counting the result as new memory and the buffer as
+    dead at the ``copy_`` underestimated NequIP's working set by ~18 %)."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    return node.target is operator.getitem or op_name(node) in VIEW_OPS
+    if node.target is operator.getitem:
+        return True
+    name = op_name(node)
+    return name in VIEW_OPS or (name.endswith("_") and not name.endswith("__"))
 
 
 def _storage_owner(node: fx.Node) -> fx.Node:
@@ -111,24 +117,51 @@ class _GroupWorkspace:
         return self._cache[key]
 
 
-def _value_bytes(graphs: StageGraphs) -> Dict[str, object]:
-    """Symbolic bytes of every value a group takes or returns, by joint-graph name."""
-    out: Dict[str, object] = {}
+@dataclass
+class _ValueStorage:
+    """How the values between groups map to storage.
+
+    ``own[name]``: bytes of the value's own tensor (what a receive allocates for it);
+    ``storage[name]``: bytes of the storage a producing group allocates for it (its
+    storage owner's, counted once per owner); ``parent[name]``: the value whose storage it
+    shares on the producing rank: a group input it is a view of, or the first output that
+    is a view of the same intermediate. Several views of one intermediate, or a view of an
+    input, keep the whole storage alive as long as any of them is held."""
+
+    own: Dict[str, object]
+    storage: Dict[str, object]
+    parent: Dict[str, str]
+
+
+def _value_storage(graphs: StageGraphs) -> _ValueStorage:
+    own: Dict[str, object] = {}
+    storage: Dict[str, object] = {}
+    parent: Dict[str, str] = {}
     for key, gm in graphs.groups.items():
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                out.setdefault(n.name, nbytes(n))
-            elif n.op == "output":
-                # an output that aliases an input, or an output already counted, adds nothing
-                values = n.args[0] if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
-                owners = set()
-                for name, v in zip(graphs.outputs[key], values):
-                    if not isinstance(v, fx.Node):
-                        continue
-                    owner = _storage_owner(v)
-                    out.setdefault(name, 0 if owner.op == "placeholder" or owner in owners else nbytes(owner))
-                    owners.add(owner)
-    return out
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        input_of = dict(zip(placeholders, graphs.inputs[key]))
+        for n, name in input_of.items():
+            own.setdefault(name, nbytes(n))
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        values = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+        first_of_owner: Dict[fx.Node, str] = {}
+        for name, v in zip(graphs.outputs[key], values):
+            if not isinstance(v, fx.Node) or name in storage or name in parent:
+                continue
+            own.setdefault(name, nbytes(v))
+            owner = _storage_owner(v)
+            if owner.op == "placeholder":
+                source = input_of.get(owner)
+                if source is not None and source != name:
+                    parent[name] = source
+                else:
+                    storage[name] = 0
+            elif owner in first_of_owner:
+                parent[name] = first_of_owner[owner]
+            else:
+                first_of_owner[owner] = name
+                storage[name] = nbytes(owner)
+    return _ValueStorage(own, storage, parent)
 
 
 class MemoryReplay:
@@ -139,7 +172,7 @@ class MemoryReplay:
     def __init__(self, graphs: StageGraphs) -> None:
         self.graphs = graphs
         self._workspaces: Dict[Tuple[int, str], _GroupWorkspace] = {}
-        self._exprs = _value_bytes(graphs)
+        self._values = _value_storage(graphs)
         self._inputs = set(graphs.input_names)
         self._keep = {a for a in graphs.output_args if isinstance(a, str)}
         self._bytes: Dict[Tuple[Tuple[Tuple[str, int], ...], str], float] = {}
@@ -156,13 +189,13 @@ class MemoryReplay:
 
         graphs, inputs, keep = self.graphs, self._inputs, self._keep
         size_keys = [tuple(sorted(s.items())) for s in microbatch_sizes]
-        cache, exprs = self._bytes, self._exprs
+        cache, values = self._bytes, self._values
 
-        def nbytes_of(mb: int, name: str) -> float:
-            key = (size_keys[mb], name)
+        def nbytes_of(mb: int, name: str, table: str = "own") -> float:
+            key = (size_keys[mb], table + ":" + name)
             value = cache.get(key)
             if value is None:
-                value = cache[key] = _float(exprs.get(name, 0), microbatch_sizes[mb])
+                value = cache[key] = _float(getattr(values, table).get(name, 0), microbatch_sizes[mb])
             return value
 
         releases = all_send_releases(programs)
@@ -172,19 +205,35 @@ class MemoryReplay:
             last = last_uses(graphs, program)
             limits = prefetch_limits(program)
             released_at = {snd: r for r, sends in releases[program.rank].items() for snd in sends}
-            held: Dict[Tuple[int, str], float] = {}
-            # sent, not yet waited for: item -> bytes, grouped by the action that waits for it
-            sending: Dict[Tuple[int, str], float] = {}
+            # held values -> the storage they keep alive; a storage counts while any holds it
+            storage_of: Dict[Tuple[int, str], Tuple[int, str]] = {}
+            refs: Dict[Tuple[int, str], int] = {}
+            storage_bytes: Dict[Tuple[int, str], float] = {}
+            # sent values, released when the send is waited for (a pending send keeps its tensor)
             waits: Dict[int, List[Tuple[int, str]]] = {}
             posted: Dict[int, float] = {}  # Recv index -> bytes of its buffers, once posted
-            totals = [0.0, 0.0, 0.0]  # held, posted, sending
+            totals = [0.0, 0.0]  # held, posted
             next_post = 0
             peak = held_peak = work_peak = 0.0
             peak_at = 0
 
-            def hold(item: Tuple[int, str], b: float) -> None:
-                totals[0] += b - held.get(item, 0.0)
-                held[item] = b
+            def hold(item: Tuple[int, str], store: Tuple[int, str], b: float) -> None:
+                if item in storage_of:
+                    return
+                storage_of[item] = store
+                refs[store] = refs.get(store, 0) + 1
+                if refs[store] == 1:
+                    storage_bytes[store] = b
+                    totals[0] += b
+
+            def release(item: Tuple[int, str]) -> None:
+                store = storage_of.pop(item, None)
+                if store is None:
+                    return
+                refs[store] -= 1
+                if refs[store] == 0:
+                    del refs[store]
+                    totals[0] -= storage_bytes.pop(store)
 
             def post_until(limit: int) -> None:
                 nonlocal next_post
@@ -207,32 +256,36 @@ class MemoryReplay:
                 elif isinstance(action, Recv):
                     post_until(k)
                     totals[1] -= posted.pop(k, 0.0)
-                    for t in action.tensors:
-                        hold((action.mb, t), nbytes_of(action.mb, t))
+                    for t in action.tensors:  # a fresh buffer of the value's own size
+                        hold((action.mb, t), (action.mb, t), nbytes_of(action.mb, t))
                     reads = ()
                 elif isinstance(action, Send):
                     reads = action.tensors
                 else:
                     continue
-                now = totals[0] + totals[1] + totals[2]
+                now = totals[0] + totals[1]
                 if now + work > peak:
                     peak, peak_at = now + work, k
                 if isinstance(action, Compute):
                     for name in graphs.outputs[key]:
-                        if name not in inputs:
-                            hold((action.mb, name), nbytes_of(action.mb, name))
+                        if name in inputs:
+                            continue
+                        item, source = (action.mb, name), values.parent.get(name)
+                        if source is None:
+                            hold(item, item, nbytes_of(action.mb, name, "storage"))
+                        elif (action.mb, source) in storage_of:  # shares a storage held here
+                            hold(item, storage_of[(action.mb, source)], 0.0)
+                        # else: a view of a graph input (parameters, batch): not counted
                 for name in reads:
                     item = (action.mb, name)
                     if last.get(item) == k and name not in keep:
                         if isinstance(action, Send):  # the pending send holds it until it is waited for
-                            b = held.get(item, 0.0)
-                            totals[2] += b - sending.get(item, 0.0)
-                            sending[item] = b
                             waits.setdefault(released_at.get(k, len(actions)), []).append(item)
-                        totals[0] -= held.pop(item, 0.0)
+                        else:
+                            release(item)
                 for item in waits.pop(k, ()):  # waited for at this receive
-                    totals[2] -= sending.pop(item, 0.0)
-                now = totals[0] + totals[1] + totals[2]
+                    release(item)
+                now = totals[0] + totals[1]
                 held_peak = max(held_peak, now)
                 if now > peak:
                     peak, peak_at = now, k

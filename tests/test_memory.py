@@ -82,11 +82,18 @@ def test_group_workspace_frees_after_last_use_and_views_keep_their_base():
     assert _GroupWorkspace(gm).peak({}) == 2 * 8000  # never more than an input and an output
 
 
-@pytest.mark.parametrize("schedule,microbatches", [("gpipe", 3), ("wavek", 3)])
-def test_replayed_peak_equals_the_tensors_alive_in_the_executor(schedule, microbatches):
-    """One rank, the whole program (no messages): every value's lifetime is the executor's."""
+@pytest.mark.parametrize(
+    "name,schedule,microbatches", [("schnet", "gpipe", 3), ("schnet", "wavek", 3), ("painn", "wavek", 3), ("nequip", "wavek", 3)]
+)
+def test_replayed_peak_equals_the_tensors_alive_in_the_executor(name, schedule, microbatches):
+    """One rank, the whole program (no messages): every value's lifetime is the executor's.
+    PaiNN and NequIP return several views of one intermediate, and views of their inputs,
+    from a group: the storage lives while any of them is held."""
     torch.manual_seed(0)
-    model = build_model("schnet", hidden=16, num_interactions=3, num_rbf=8, cutoff=3.5).double()
+    if name == "nequip":
+        model = build_model("nequip", num_interactions=2, cutoff=3.5).double()
+    else:
+        model = build_model(name, hidden=16, num_interactions=3, num_rbf=8, cutoff=3.5).double()
     batch = random_batch(3, 6)
     compiled = janus_compile.compile(model)
     mbs = split_microbatches(batch, microbatches)
@@ -106,7 +113,7 @@ def test_replayed_peak_equals_the_tensors_alive_in_the_executor(schedule, microb
     with torch.no_grad(), mode:
         executor.run(flats, sizes)
     # the estimate's own sizes come from symbolic shapes; views of inputs count nothing
-    assert estimate.peak_bytes == pytest.approx(mode.peak, rel=0.05), (estimate.describe(), mode.peak)
+    assert estimate.peak_bytes == pytest.approx(mode.peak, rel=0.02), (estimate.describe(), mode.peak)
 
 
 def test_gpipe_holds_more_than_wavek_and_grows_with_microbatches():

@@ -141,11 +141,15 @@ def test_memory_cap_lets_wavek_keep_more_in_flight_and_stays_exact():
         (4e-4, "no schedule fits the memory budget of 0.3 MiB per rank; the smallest candidate needs"),  # below any replay
     ],
 )
-def test_memory_cap_below_what_any_schedule_needs_is_refused(cap_gb, message):
+@pytest.mark.parametrize("chunks", [1, "auto"])
+def test_memory_cap_below_what_any_schedule_needs_is_refused(cap_gb, message, chunks):
+    """With chunks='auto' every K fails the same way, and the error is the one a fixed K gives."""
     model = _model()
     batch = random_batch(5, 4)
     with pytest.raises(Exception, match=message):
-        PipelineTrainer(model, batch, loss=LOSS, stages=2, microbatches=4, schedule="wavek", calibrate=False, memory_cap_gb=cap_gb)
+        PipelineTrainer(
+            model, batch, loss=LOSS, stages=2, chunks=chunks, microbatches=4, schedule="wavek", calibrate=False, memory_cap_gb=cap_gb
+        )
 
 
 def test_chunks_auto_keeps_the_faster_k_and_stays_exact(tmp_path):
