@@ -386,7 +386,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             recv_tensors = [sum(len(a.tensors) for a in prog.actions if isinstance(a, Recv)) for prog in tr.programs.programs]
             per[sched] = {
                 "chunks": tr.chunks,
-                "chunks_tried": {str(k): t for k, t in tr.chunks_tried.items()},
+                "chunks_tried": tr.programs.meta.get("chunks_tried", {}),
                 "partition": tr.partition.method,
                 "build_s": build_s[sched],
                 "step_s": st,

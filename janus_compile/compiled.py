@@ -132,11 +132,11 @@ class CompiledMLIP(nn.Module):
         opts.validate()
         graph = self.joint_graph(batch)
         self.options = opts
-        if partition is None and not (chunks == getattr(self._partitions.get(id(graph)), "chunks", None)):
-            partition = self._partition(graph, batch)
-        if partition is not None:
-            self._partitions[id(graph)] = partition
-        return self._partitions[id(graph)]
+        current = self._partitions.get(id(graph))
+        if partition is None:
+            partition = current if current is not None and current.chunks == chunks else self._partition(graph, batch)
+        self._partitions[id(graph)] = partition
+        return partition
 
     def write_partition_dump(self, batch: AtomsBatch) -> None:
         """Write the partition in use for this batch's sizes (after `repartition`)."""
@@ -192,6 +192,11 @@ def _single_row_target(node: torch.fx.Node, dim: int) -> bool:
     return shape is not None and len(shape) > dim and isinstance(shape[dim], int) and shape[dim] == 1
 
 
+def _ndim(node: Any) -> Optional[int]:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
 def _sum_into_single_rows(graph: torch.fx.Graph) -> None:
     """Scatter-adds into a target of one row (per-structure sums of a one-structure batch,
     whose size tracing fixed to 1) as plain sums: every index is 0, so
@@ -214,7 +219,7 @@ def _sum_into_single_rows(graph: torch.fx.Graph) -> None:
             dim, alpha = 0, 1
             # values broadcast to (len(index), *x.shape[1:]); summing over the index dim
             # needs that dim present
-            if getattr(src.meta.get("val"), "dim", lambda: -1)() != getattr(x.meta.get("val"), "dim", lambda: -2)():
+            if _ndim(src) is None or _ndim(src) != _ndim(x):
                 continue
         else:
             continue

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional

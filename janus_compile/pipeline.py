@@ -134,10 +134,10 @@ def _train_worker(
     step = 0
     start_epoch = setup.get("start_epoch", 0)
     m = setup["microbatches"]
-    progress = setup.get("progress", False)
+    show = setup.get("progress", False) if rank == 0 else False  # None: on a terminal only
     bar = tqdm(
         total=(epochs - start_epoch) * len(batches), desc="pipeline steps", unit="step", leave=False,
-        disable=True if rank != 0 or progress is False else (None if progress is None else False),
+        disable=None if show is None else not show,
     )
     for epoch in range(start_epoch, epochs):
         for b, batch in enumerate(batches):
@@ -232,7 +232,6 @@ class PipelineTrainer:
                 f"chunks='auto' picks K for the wavek and gpipe schedules on a SymFold partition, not for "
                 f"schedule={schedule!r}, partition={partition!r}: give chunks as a number"
             )
-        self.chunks_tried: Dict[int, float] = {}  # with chunks='auto': K -> simulated step (s)
         self.model = model
         self.loss = loss if loss is not None else EnergyForceLoss()
         self.stages, self.chunks, self.microbatches, self.schedule = stages, chunks, microbatches, schedule
@@ -278,6 +277,12 @@ class PipelineTrainer:
         if self.dump_dir and self.dag is not None:
             self.dump_schedule(self.dump_dir)
 
+    @property
+    def chunks_tried(self) -> Dict[int, float]:
+        """With chunks='auto': K -> simulated step (s) of each K tried (empty otherwise); from
+        the programs, so every rank under torchrun has it."""
+        return {int(k): t for k, t in self.programs.meta.get("chunks_tried", {}).items()}
+
     def _plan(self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any]) -> Dict[str, Any]:
         """Compile, partition and schedule (sets .compiled, .joint, .partition, .dag); what
         every rank needs to run, as one picklable dict."""
@@ -302,17 +307,17 @@ class PipelineTrainer:
             programs = make_programs(dag, schedule, **limits)  # validated: deadlock-free
             return programs.meta["simulated"]["makespan_s"], k, part, dag, graphs, programs
 
-        for k in AUTO_CHUNK_CANDIDATES if auto else (self.chunks,):
-            if not auto:
-                best = plan_with(k)
-                break
+        if not auto:
+            best = plan_with(self.chunks)
+        tried: Dict[str, float] = {}
+        for k in AUTO_CHUNK_CANDIDATES if auto else ():
             try:
                 cand = plan_with(k)
             except (PartitionError, ScheduleError) as exc:  # too few units for K·P chunks, or over the memory cap
                 log.info("chunks='auto': K=%d skipped: %s", k, exc)
                 failures.append(exc)
                 continue
-            self.chunks_tried[k] = cand[0]
+            tried[str(k)] = cand[0]
             log.info("chunks='auto': K=%d simulated step %.4g s", k, cand[0])
             if best is None or cand[0] < best[0]:  # ties keep the smaller K (fewer hops)
                 best = cand
@@ -323,7 +328,7 @@ class PipelineTrainer:
             self.chunks = k
             self.compiled.repartition(example_mb, k, self.partition)  # the kept partition is the one in use
             self.compiled.write_partition_dump(example_mb)
-            programs.meta["chunks_tried"] = {str(c): t for c, t in self.chunks_tried.items()}
+            programs.meta["chunks_tried"] = tried
         return {
             "graphs": graphs,
             "programs": programs.to_json(),

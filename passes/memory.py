@@ -52,9 +52,7 @@ class RankMemory:
 
 def _is_alias(node: fx.Node) -> bool:
     """Outputs that share their first argument's storage: views, tuple items, and in-place
-    ops (``copy_``, ``add_``, ...), which return the tensor they wrote into (e3nn fills
-    preallocated buffers this way; counting the result as new memory and the buffer as
-    dead at the ``copy_`` underestimated NequIP's working set by ~18 %)."""
+    ops (``copy_``, ``add_``, ...), which return the tensor they wrote into."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.target is operator.getitem:
@@ -175,7 +173,7 @@ class MemoryReplay:
         self._values = _value_storage(graphs)
         self._inputs = set(graphs.input_names)
         self._keep = {a for a in graphs.output_args if isinstance(a, str)}
-        self._bytes: Dict[Tuple[Tuple[Tuple[str, int], ...], str], float] = {}
+        self._bytes: Dict[Tuple[Tuple[Tuple[str, int], ...], str, str], float] = {}  # (sizes, table, name)
 
     def _workspace(self, key: Tuple[int, str]) -> _GroupWorkspace:
         if key not in self._workspaces:
@@ -192,7 +190,7 @@ class MemoryReplay:
         cache, values = self._bytes, self._values
 
         def nbytes_of(mb: int, name: str, table: str = "own") -> float:
-            key = (size_keys[mb], table + ":" + name)
+            key = (size_keys[mb], table, name)
             value = cache.get(key)
             if value is None:
                 value = cache[key] = _float(getattr(values, table).get(name, 0), microbatch_sizes[mb])

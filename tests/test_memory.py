@@ -82,6 +82,20 @@ def test_group_workspace_frees_after_last_use_and_views_keep_their_base():
     assert _GroupWorkspace(gm).peak({}) == 2 * 8000  # never more than an input and an output
 
 
+def test_in_place_result_is_the_buffer_it_wrote_into():
+    """``copy_`` returns its destination: the buffer lives on through the result, and the
+    result is no new memory (e3nn fills preallocated buffers this way)."""
+
+    def f(x):
+        buf = torch.empty_like(x)  # 1 unit
+        out = buf.copy_(x * 2)  # x * 2 and buf: 2; out is buf
+        return out + 1  # x * 2 is dead: buf and the sum, 2
+
+    gm = make_fx(f)(torch.zeros(100, 10, dtype=torch.float64))
+    assert any("copy_" in str(n.target) for n in gm.graph.nodes)
+    assert _GroupWorkspace(gm).peak({}) == 2 * 8000
+
+
 @pytest.mark.parametrize(
     "name,schedule,microbatches", [("schnet", "gpipe", 3), ("schnet", "wavek", 3), ("painn", "wavek", 3), ("nequip", "wavek", 3)]
 )
