@@ -83,6 +83,9 @@ class BenchConfig:
     # uses on its worst rank, replayed by passes/memory.py, in-flight caps up to 2P searched.
     # "wavek" itself keeps its default limit, P micro-batches in flight per rank.
     equal_memory: bool = True
+    # After the timed runs, one more step per schedule with every tensor allocation
+    # recorded (runtime/memory_probe.py): the measured peak the memory replay predicts
+    allocator_probe: bool = True
     sim_bandwidth_gbs: float = 25.0
     sim_latency_us: float = 20.0
     timeout_s: float = 600.0
@@ -368,6 +371,12 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 runs[sched].append(info)
                 if progress:
                     print(f"  [M={M}] round {rnd + 1}/{cfg.repeats} {sched}: steps " + " ".join(f"{1e3 * t:.1f}" for t in step_times) + " ms", flush=True)
+        allocated: Dict[str, List[int]] = {}
+        if cfg.allocator_probe:
+            for sched in names:
+                allocated[sched] = trainers[sched].measure_memory(batch)
+                if progress:
+                    print(f"  [M={M}] {sched}: allocated peak per rank " + " / ".join(f"{b / 2**20:.0f}" for b in allocated[sched]) + " MB", flush=True)
         per = {}
         for sched in names:
             tr = trainers[sched]
@@ -415,6 +424,11 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 # the executor's peak replayed (passes/memory.py) + gradient and Adam buffers:
                 # what the measured training growth should confirm
                 "est_peak_growth_mb": [b / 2**20 for b in peak_est],
+                # tensors alive at the step's worst moment, measured (allocator events), and
+                # what the replay predicts for it: its peak plus GradSync's gradient and
+                # bucket buffers (two copies of the parameters)
+                "allocated_peak_mb": [b / 2**20 for b in allocated[sched]] if sched in allocated else None,
+                "est_allocated_peak_mb": [b / 2**20 for b in estimated_step_allocations(tr, batch)],
                 "measured_peak_rss_mb": [max(col) for col in zip(*rss)] if rss else None,
                 "measured_rss_growth_mb": [max(col) for col in zip(*growth)] if growth else None,
                 "wavek_rule": tr.programs.meta.get("wavek_rule"),
@@ -699,6 +713,13 @@ def replayed_peaks(trainer: Any, batch: Any) -> List[float]:
     return [m.peak_bytes for m in program_memory(trainer.graphs, trainer.programs, sizes)]
 
 
+def estimated_step_allocations(trainer: Any, batch: Any) -> List[float]:
+    """Bytes per rank one step allocates at its worst moment: the replayed peak plus
+    GradSync's summed gradients and their flattened buckets (`runtime/gradsync.py`)."""
+    grads = 2 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    return [b + grads for b in replayed_peaks(trainer, batch)]
+
+
 def estimated_training_growth(trainer: Any, batch: Any) -> List[float]:
     """Bytes per rank that a training step adds on top of the loaded worker: the program's
     replayed peak plus the summed gradients and the two Adam moments, which every rank
@@ -717,9 +738,10 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
         lines.append(
             "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared cal. (own) | sim error "
             "| sim error, traced costs | sim bubble | sim efficiency | compute ms calibrated / traced | recv tensors/rank "
-            "| est. stash+params/rank MB | est. peak growth/rank MB | peak RSS/rank MB (training growth) | growth measured/est. |"
+            "| est. stash+params/rank MB | est. peak growth/rank MB | peak RSS/rank MB (training growth) | growth measured/est. "
+            "| allocated peak/rank MB, measured (replayed) | allocated measured/replayed |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s, r in e["schedules"].items():
             st = r["step_s"]
             rss = r["measured_peak_rss_mb"]
@@ -734,7 +756,8 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"| {100 * r['sim_bubble_fraction']:.1f}% | {r['sim_efficiency']:.2f} "
                 f"| {1e3 * r['sim_compute_s']:.0f} / {_fmt(None if r['measured_compute_s'] is None else 1e3 * r['measured_compute_s'], '.0f')} "
                 f"| {max(r['recv_tensors_per_rank'])} "
-                f"| {max(r['est_memory_per_rank_mb']):.2f} | {_fmt(max(est) if est else None, '.0f')} | {rss_txt} | {ratio} |"
+                f"| {max(r['est_memory_per_rank_mb']):.2f} | {_fmt(max(est) if est else None, '.0f')} | {rss_txt} | {ratio} "
+                f"| {_allocated_text(r)} |"
             )
         ra, sr = e["ratios"], e["sim_ratios"]
         wk = e["schedules"].get(EQUAL_MEMORY)
@@ -750,6 +773,15 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
             f"wavek/hanayo {_fmt(sr['wavek/hanayo'])}×\n"
         )
     return "\n".join(lines)
+
+
+def _allocated_text(r: Mapping[str, Any]) -> str:
+    """'measured (replayed) | ratio' cells, per rank, for the real-run table."""
+    got, est = r.get("allocated_peak_mb"), r.get("est_allocated_peak_mb")
+    if not got or not est:
+        return "n/a | n/a"
+    mb = " / ".join(f"{g:.0f} ({e:.0f})" for g, e in zip(got, est))
+    return f"{mb} | " + " / ".join(f"{g / e:.2f}" if e > 0 else "n/a" for g, e in zip(got, est))
 
 
 def _cap_text(cap: Any) -> str:
@@ -884,6 +916,7 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_bandwidth_gbs=args.sim_bandwidth,
         sim_latency_us=args.sim_latency_us,
         equal_memory=not args.no_equal_memory,
+        allocator_probe=not args.no_allocator_probe,
         dump_dir=args.dump_dir,
     )
 
@@ -916,6 +949,10 @@ def add_bench_args(p: Any) -> None:
     p.add_argument(
         "--no-equal-memory", action="store_true",
         help=f"skip the {EQUAL_MEMORY} row (WaveK limited to the peak memory 1F1B uses, replayed; in-flight caps up to 2P searched)",
+    )
+    p.add_argument(
+        "--no-allocator-probe", action="store_true",
+        help="skip the extra, untimed step per schedule whose tensor allocations are recorded (the measured peak beside the replay)",
     )
 
 

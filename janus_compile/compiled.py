@@ -114,6 +114,7 @@ class CompiledMLIP(nn.Module):
             memory_cap_bytes=cap,
             microbatches_in_flight=opts.microbatches_in_flight,
             replicate=opts.replicate,
+            order=opts.unit_order,
         )
 
     def partition(self, batch: AtomsBatch):

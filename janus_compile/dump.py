@@ -161,6 +161,7 @@ def partition_report(partition) -> dict:
         "units": partition.units.names,
         "unit_depth": partition.units.depth,
         "chunk_of_unit": partition.chunk_of_unit,
+        "unit_order": partition.problem.order if partition.method == "symfold" else None,
         "rank_time_s": partition.rank_times(),
         "max_over_mean_rank_time": partition.imbalance(),
         "rank_memory_bytes": partition.rank_memory(),
@@ -191,6 +192,8 @@ def partition_markdown(report: dict) -> str:
     if report["ilp"]:
         ilp = report["ilp"]
         lines.append(f"ILP: {ilp['status']}, objective {ilp['objective']:.6g}, bound {ilp['bound']}, gap {ilp['gap']}, {ilp['solve_seconds']:.2f} s")
+    if report.get("unit_order") == "dag":
+        lines.append("unit order: data flow (units placed out of their topological order where that balances better)")
     lines += ["", "| chunk | rank | units | F ms | G ms | GG ms | FB ms | boundary tensors received |", "|---|---|---|---|---|---|---|---|"]
     for row in report["chunks"]:
         s = row["seconds"]

@@ -11,6 +11,7 @@ from .errors import JanusError
 SCHEDULES = ("wavek", "1f1b", "hanayo", "gpipe")
 PARTITIONS = ("symfold", "even", "unfolded")
 REPLICATE = ("auto", "always", "never")
+UNIT_ORDERS = ("auto", "chain", "dag")
 
 
 class OptionsError(JanusError, ValueError):
@@ -52,6 +53,7 @@ class JanusOptions:
     schedule: str = "wavek"
     partition: str = "symfold"
     replicate: str = "auto"  # recompute geometry on the chunks that read it: auto / always / never
+    unit_order: str = "auto"  # SymFold chunks: contiguous runs of units (chain), any data-flow order (dag), or dag when the chain misses max/mean 1.10 (auto)
     ilp_time_limit_s: float = 30.0
     memory_cap_gb: Optional[float] = None  # per rank: bounds the ILP and WaveK's in-flight search
     max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; 2P with a memory cap)
@@ -84,6 +86,8 @@ class JanusOptions:
             raise OptionsError("partition='unfolded' (the 1F1B baseline) has one chunk per stage: set chunks=1")
         if self.replicate not in REPLICATE:
             raise OptionsError(f"option 'replicate' must be one of {REPLICATE}, got {self.replicate!r}")
+        if self.unit_order not in UNIT_ORDERS:
+            raise OptionsError(f"option 'unit_order' must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
         if self.ilp_time_limit_s <= 0:
             raise OptionsError(f"option 'ilp_time_limit_s' must be positive, got {self.ilp_time_limit_s!r}")
         if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):

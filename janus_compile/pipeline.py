@@ -34,6 +34,7 @@ from .passes.symfold_ilp import PartitionError
 from .passes.wavek import ScheduleError
 from .runtime.executor import RankExecutor, StageGraphs
 from .runtime.launch import backend_for, init_from_env, launch_local, local_device, torchrun_world
+from .runtime.memory_probe import allocation_peak
 from .runtime.program import ProgramSet, send_releases
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,20 @@ def _train_worker(
         import copy
 
         optimizer.load_state_dict(copy.deepcopy(setup["optimizer_state"]))
+
+    def run_step(inputs: List[List[torch.Tensor]], sizes: List[Dict[str, int]], trace: bool, step: int):
+        # GradSync over (pp, dp): each gradient is computed on one stage of every
+        # replica (and is already whole on every gp rank); the sum gives it to all.
+        # Buckets are reduced while the rest of the backward runs.
+        sync.start()
+        result = executor.run(inputs, sizes, trace=trace, step=step, on_compute=sync.on_compute)
+        loss = torch.zeros((), dtype=torch.float64, device=device)
+        for outs in result.outputs.values():
+            if graphs.output_args[0] in outs:
+                loss = loss + outs[graphs.output_args[0]].double()
+        reduced, step_loss = sync.finish(loss)
+        return result, reduced, step_loss
+
     losses: List[float] = []
     step_times: List[float] = []
     last_trace: List[Dict[str, Any]] = []
@@ -147,17 +162,8 @@ def _train_worker(
             dist.barrier()
             t0 = time.perf_counter()
             last = epoch == epochs - 1 and b == len(batches) - 1
-            # GradSync over (pp, dp): each gradient is computed on one stage of every
-            # replica (and is already whole on every gp rank); the sum gives it to all.
-            # Buckets are reduced while the rest of the backward runs.
-            sync.start()
-            result = executor.run(inputs, sizes, trace=last, step=step, on_compute=sync.on_compute)
+            result, reduced, step_loss = run_step(inputs, sizes, last, step)
             last_trace = result.trace or last_trace
-            loss = torch.zeros((), dtype=torch.float64, device=device)
-            for outs in result.outputs.values():
-                if graphs.output_args[0] in outs:
-                    loss = loss + outs[graphs.output_args[0]].double()
-            reduced, step_loss = sync.finish(loss)
             step_times.append(time.perf_counter() - t0)
             grads = dict(zip(param_names, reduced))
             losses.append(step_loss)
@@ -179,7 +185,13 @@ def _train_worker(
         if setup.get("checkpoint") and rank == 0 and optimizer is not None:
             write_checkpoint(setup["checkpoint"], {**params, **buffers}, optimizer.state_dict(), epoch)
     bar.close()
+    allocated_peak = None
+    if setup.get("memory_probe") and batches:
+        # one more step on the last batch, its tensor allocations recorded (no update)
+        dist.barrier()
+        _, allocated_peak = allocation_peak(lambda: run_step(inputs, sizes, False, step), device)
     return {
+        "allocated_peak_bytes": allocated_peak,
         "losses": losses,
         "step_times": step_times,
         "trace": last_trace,
@@ -484,6 +496,14 @@ class PipelineTrainer:
             if per_mb and all(name in per_mb[mb] for mb in per_mb)
         }
         return StepOutput(results[0]["losses"][0], results[0]["grads"], outputs)
+
+    def measure_memory(self, batch: AtomsBatch) -> List[int]:
+        """Peak bytes of tensors one step allocates on each rank, above what the rank held
+        before it (the allocator's view, `runtime.memory_probe`): one step to warm up,
+        then one recorded, without an update. What the memory replay
+        (`passes.memory.program_memory`) predicts, plus the gradient buffers of GradSync."""
+        results = self._launch([batch], 1, 0.0, False, memory_probe=True)
+        return [int(r["allocated_peak_bytes"]) for r in results]
 
     def train(
         self,

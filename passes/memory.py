@@ -17,10 +17,11 @@ worker) should confirm; `januspipe bench` prints both.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Sequence, Set, Tuple
 
 import sympy
+import torch
 import torch.fx as fx
 
 from janus_compile.runtime.executor import StageGraphs, last_uses, prefetch_limits
@@ -129,9 +130,13 @@ class _ValueStorage:
     own: Dict[str, object]
     storage: Dict[str, object]
     parent: Dict[str, str]
+    # outputs that are not contiguous (a transpose, an expand): sending one sends a
+    # contiguous copy of its own size, which the pending send holds instead of the value
+    strided: Set[str] = field(default_factory=set)
 
 
 def _value_storage(graphs: StageGraphs) -> _ValueStorage:
+    strided: Set[str] = set()
     own: Dict[str, object] = {}
     storage: Dict[str, object] = {}
     parent: Dict[str, str] = {}
@@ -147,6 +152,8 @@ def _value_storage(graphs: StageGraphs) -> _ValueStorage:
             if not isinstance(v, fx.Node) or name in storage or name in parent:
                 continue
             own.setdefault(name, nbytes(v))
+            if not _is_contiguous(v):
+                strided.add(name)
             owner = _storage_owner(v)
             if owner.op == "placeholder":
                 source = input_of.get(owner)
@@ -159,7 +166,18 @@ def _value_storage(graphs: StageGraphs) -> _ValueStorage:
             else:
                 first_of_owner[owner] = name
                 storage[name] = nbytes(owner)
-    return _ValueStorage(own, storage, parent)
+    return _ValueStorage(own, storage, parent, strided)
+
+
+def _is_contiguous(node: fx.Node) -> bool:
+    """Whether a node's value is laid out contiguously (unknown counts as contiguous)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return True
+    try:
+        return bool(val.is_contiguous())
+    except Exception:  # a stride the symbolic sizes cannot decide
+        return True
 
 
 class MemoryReplay:
@@ -259,6 +277,11 @@ class MemoryReplay:
                     reads = ()
                 elif isinstance(action, Send):
                     reads = action.tensors
+                    for t in action.tensors:
+                        if t in values.strided:  # the executor sends a contiguous copy
+                            copy = (action.mb, f"{t} sent at {k}")
+                            hold(copy, copy, nbytes_of(action.mb, t))
+                            waits.setdefault(released_at.get(k, len(actions)), []).append(copy)
                 else:
                     continue
                 now = totals[0] + totals[1]
@@ -277,7 +300,8 @@ class MemoryReplay:
                 for name in reads:
                     item = (action.mb, name)
                     if last.get(item) == k and name not in keep:
-                        if isinstance(action, Send):  # the pending send holds it until it is waited for
+                        if isinstance(action, Send) and name not in values.strided:
+                            # the pending send holds it until it is waited for
                             waits.setdefault(released_at.get(k, len(actions)), []).append(item)
                         else:
                             release(item)

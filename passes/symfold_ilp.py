@@ -20,6 +20,12 @@ Model (pulp + the CBC bundled with it):
   constraints imply ``chunk(src) <= chunk(dst)`` for every edge (per-edge rows would be
   redundant). This disaggregated form is much tighter in the LP than
   ``Σ c·x[u,c] <= Σ c·x[u+1,c]`` (summing it over ``c`` gives that);
+- with ``order="dag"`` the total order is relaxed to the data flow itself: one row
+  ``y[dst,c] <= y[src,c]`` per unit edge and threshold, so a unit that only its later
+  readers depend on (SchNet's filter network, PaiNN's message filter: functions of the
+  geometry alone) may sit on any chunk before them. The chain is one such placement, so
+  the relaxed optimum is never worse; it is tried when the chain misses the balance
+  target (`passes/symfold.py`), warm-started from the chain's answer;
 - every chunk gets at least one unit. With order, unit ``u`` can then only sit on chunks
   ``max(0, V-U+u) .. min(V-1, u)``, so variables outside that window are never created;
   this also fixes ``x[0,0] = 1`` and ``x[U-1,V-1] = 1`` (symmetry breaking);
@@ -71,6 +77,7 @@ OPTIMIZER_COPIES = 4
 STATUS_OPTIMAL = "optimal"
 STATUS_TIME_LIMIT = "feasible (time limit)"
 STATUS_EVEN = "even (no solver)"
+ORDERS: Tuple[str, ...] = ("chain", "dag")
 
 
 class PartitionError(ValueError):
@@ -128,6 +135,9 @@ class PartitionProblem:
     chunk_weight: float = 0.1
     time_limit_s: float = 30.0
     seed: int = 0
+    # "chain": chunks are contiguous runs of the unit order; "dag": any placement that
+    # keeps every unit edge pointing up the chunks (see the module docstring)
+    order: str = "chain"
 
     @property
     def num_chunks(self) -> int:
@@ -228,6 +238,8 @@ def _validate(problem: PartitionProblem) -> None:
         raise PartitionError(f"bandwidth_bytes_per_s must be > 0, got {problem.bandwidth_bytes_per_s}")
     if not problem.time_limit_s > 0:
         raise PartitionError(f"time_limit_s must be > 0, got {problem.time_limit_s}")
+    if problem.order not in ORDERS:
+        raise PartitionError(f"order must be one of {ORDERS}, got {problem.order!r}")
 
 
 def _memory_lower_bound(problem: PartitionProblem) -> float:
@@ -382,11 +394,28 @@ def _polish(problem: PartitionProblem, chunk_of_unit: List[int], max_evals: int)
     return [k for k in range(v) for _ in range(cuts[k], cuts[k + 1])]
 
 
-def _mip_start(problem: PartitionProblem) -> Optional[List[int]]:
+def _is_placement(problem: PartitionProblem, chunk_of_unit: Sequence[int]) -> bool:
+    """Whether an assignment is one the ILP allows: every chunk used, every unit edge
+    pointing up (or staying), in order for the chain, under the memory cap."""
+    n, v = len(problem.units), problem.num_chunks
+    if len(chunk_of_unit) != n or set(chunk_of_unit) != set(range(v)):
+        return False
+    if problem.order == "chain" and any(a > b for a, b in zip(chunk_of_unit, chunk_of_unit[1:])):
+        return False
+    if any(chunk_of_unit[e.src] > chunk_of_unit[e.dst] for e in problem.edges):
+        return False
+    cap = problem.memory_cap_bytes
+    return cap is None or max(_evaluate(problem, chunk_of_unit)[2]) <= cap
+
+
+def _mip_start(problem: PartitionProblem, initial: Optional[Sequence[int]] = None) -> Optional[List[int]]:
     """The best split that fits the memory cap among the even and the cost-quantile split,
-    each polished by boundary moves; None if neither fits."""
+    each polished by boundary moves, and ``initial`` (an earlier answer) where it is a
+    valid placement; None if none fits."""
     cap = problem.memory_cap_bytes
     best: Optional[Tuple[float, List[int]]] = None
+    if initial is not None and _is_placement(problem, initial):
+        best = (_evaluate(problem, initial)[0], list(initial))
     # ~0.5 s per start at the 30 s default (an evaluation costs ~(V + edges) µs); CBC gets the rest
     max_evals = int(min(1.0, 0.02 * problem.time_limit_s) * 1e6 / (problem.num_chunks + len(problem.edges) + 1))
     for cand in (even_partition(problem).chunk_of_unit, _cost_quantile_start(problem)):
@@ -414,8 +443,11 @@ class _Model:
     time_scale: float  # seconds per unit of the model's objective
 
 
-def _window(u: int, n: int, v: int) -> range:
-    """Chunks unit ``u`` can take when units are in order and no chunk is empty."""
+def _window(u: int, n: int, v: int, order: str = "chain") -> range:
+    """Chunks unit ``u`` can take: with units in order and no chunk empty, the chain
+    leaves it ``V - U + u .. u``; the data-flow order leaves every chunk open."""
+    if order == "dag":
+        return range(v)
     return range(max(0, v - n + u), min(v - 1, u) + 1)
 
 
@@ -437,7 +469,7 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
     """The SymFold ILP (or its LP relaxation, a valid lower bound, when ``relax``)."""
     n, v, p = len(problem.units), problem.num_chunks, problem.stages
     prob = pulp.LpProblem("symfold_relaxed" if relax else "symfold", pulp.LpMinimize)
-    windows = [list(_window(u, n, v)) for u in range(n)]
+    windows = [list(_window(u, n, v, problem.order)) for u in range(n)]
     x = {
         (u, c): _new_var(prob, f"x_u{u}_c{c}", 0, 1, pulp.LpContinuous)
         for u in range(n)
@@ -473,10 +505,15 @@ def _build(problem: PartitionProblem, relax: bool = False) -> _Model:
         for i, c in enumerate(w[:-1]):
             prev = y[u, w[i - 1]] if i > 0 else 0
             prob += y[u, c] - prev - x[u, c] == 0, f"prefix_u{u}_c{c}"
-    for u in range(n - 1):
-        # c in [first chunk of u+1, last chunk of u): other thresholds are trivially met.
-        for c in range(windows[u + 1][0], windows[u][-1]):
-            prob += y[u + 1, c] - y[u, c] <= 0, f"order_u{u}_c{c}"
+    if problem.order == "dag":
+        for src, dst in sorted({(e.src, e.dst) for e in problem.edges}):  # full windows: y for 0 .. V-2
+            for c in range(v - 1):
+                prob += y[dst, c] - y[src, c] <= 0, f"flow_u{src}_u{dst}_c{c}"
+    else:
+        for u in range(n - 1):
+            # c in [first chunk of u+1, last chunk of u): other thresholds are trivially met.
+            for c in range(windows[u + 1][0], windows[u][-1]):
+                prob += y[u + 1, c] - y[u, c] <= 0, f"order_u{u}_c{c}"
     units_on: List[List[int]] = [[] for _ in range(v)]
     for (u, c) in x:
         units_on[c].append(u)
@@ -583,8 +620,12 @@ def _relaxation_bound(problem: PartitionProblem, time_limit: float, tmp: str) ->
     return float(pulp.value(model.prob.objective) or 0.0) * model.time_scale
 
 
-def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) -> PartitionSolution:
+def solve_partition(
+    problem: PartitionProblem, lp_path: Optional[str] = None, initial: Optional[Sequence[int]] = None
+) -> PartitionSolution:
     """Solve the SymFold ILP for ``problem``; write the model to ``lp_path`` if given.
+    ``initial`` (a chunk per unit, e.g. the chain's answer for ``order="dag"``) joins the
+    MIP starts when it is a valid placement, so the answer is never worse than it.
 
     Raises `PartitionError` when there are fewer units than chunks, when no in-order
     partition meets the memory cap, or when CBC hits the time limit without a feasible
@@ -603,7 +644,7 @@ def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) ->
     num_vars, num_cons = len(prob.variables()), prob.numConstraints()
 
     baseline = even_partition(problem)
-    start = _mip_start(problem)
+    start = _mip_start(problem, initial)
     warm = start is not None
     if start is not None:
         for (u, c), var in model.x.items():
@@ -625,7 +666,7 @@ def solve_partition(problem: PartitionProblem, lp_path: Optional[str] = None) ->
             "SymFold ILP: %d units, V = K·P = %d·%d = %d chunks, %d variables, %d constraints, "
             "time limit %.3g s, MIP start %s",
             n, problem.chunks, problem.stages, v, num_vars, num_cons, problem.time_limit_s,
-            "best of even / cost-quantile split, polished" if warm else "none (both splits break the memory cap)",
+            "best of even / cost-quantile split (polished) and any given start" if warm else "none (both splits break the memory cap)",
         )
         t_solve = time.perf_counter()
         # the limit covers the whole call: CBC gets what the MIP start left (at least 10 %)

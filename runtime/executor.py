@@ -231,6 +231,9 @@ class RankExecutor:
                 env.update(zip(self.graphs.outputs[key], outs))
                 if on_compute is not None:
                     on_compute(k, dict(zip(self.graphs.outputs[key], outs)))
+                # the env alone holds values now: a value past its last use is freed by
+                # `_free` below, not kept until the next compute rebinds these names
+                args = outs = None
                 name = f"{action.phase}{action.chunk} mb{action.mb}"
             elif isinstance(action, Send):
                 env = envs[action.mb]
@@ -253,6 +256,7 @@ class RankExecutor:
                         f"rank {self.world_rank} lost rank {self._world(action.src)} while receiving {list(action.tensors)} for "
                         f"{action.phase}{action.chunk} micro-batch {action.mb}: {exc}"
                     ) from exc
+                posts = buf = w = None  # likewise: received buffers live in the env only
                 name = f"recv {action.phase}{action.chunk} mb{action.mb} <- {action.src}"
                 for sent in self._releases.get(k, ()):
                     self._wait_sends(pending.pop(sent, []))  # delivered: returns at once

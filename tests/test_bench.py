@@ -40,6 +40,9 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys):
         # the workers ran through the bench's instrumentation: RSS and traces came back
         assert r["measured_peak_rss_mb"] is not None and min(r["measured_peak_rss_mb"]) > 0
         assert r["measured_compute_s"] > 0
+        # one extra step per schedule with its allocations recorded, beside the replay
+        assert len(r["allocated_peak_mb"]) == 2 and min(r["allocated_peak_mb"]) > 0
+        assert len(r["est_allocated_peak_mb"]) == 2
     assert entry["schedules"]["hanayo"]["chunks"] == 2
     assert entry["schedules"]["1f1b"]["partition"] == "unfolded"
     for k in ("wavek/1f1b", "wavek/hanayo", "wavek/gpipe"):

@@ -40,9 +40,9 @@ def setup(name):
     return _cache[name]
 
 
-def check_split_exact(name, stages, chunks, method="symfold"):
+def check_split_exact(name, stages, chunks, method="symfold", **options):
     model, joint, flat, ref = setup(name)
-    part = partition_graph(joint.gm, stages, chunks, method, time_limit_s=10)
+    part = partition_graph(joint.gm, stages, chunks, method, time_limit_s=10, **options)
     outs = part.plan.run(flat)
     names = ["loss"] + joint.output_names + [f"grad_{p}" for p in joint.param_names]
     for key, got in zip(names, outs):
@@ -79,6 +79,52 @@ def test_split_reproduces_eager(name, stages, chunks):
     part = check_split_exact(name, stages, chunks)
     check_fold_and_directions(part)
     assert {k[0] for k in part.plan.groups} == set(range(stages * chunks))
+
+
+@pytest.mark.parametrize("name", ["schnet", "painn"])
+@pytest.mark.parametrize("stages", [4, 8])
+def test_data_flow_order_reproduces_eager(name, stages):
+    """Units placed out of their topological order (a filter on an earlier chunk than a
+    block before it) still give the eager step exactly, with the fold and directions."""
+    part = check_split_exact(name, stages, 1, order="dag")
+    check_fold_and_directions(part)
+    a = part.chunk_of_unit
+    assert part.problem.order == "dag"
+    assert any(a[i] > a[i + 1] for i in range(len(a) - 1)), "the answer is a chain: nothing out of order tested"
+    chain = partition_graph(setup(name)[1].gm, stages, 1, "symfold", time_limit_s=10, order="chain")
+    # both proven optimal to CBC's cutoff (1e-5 of the even share); the chain is one of the dag's answers
+    assert part.solution.objective <= chain.solution.objective * (1 + 1e-4)
+
+
+def test_auto_order_relaxes_the_chain_only_when_it_misses_the_target():
+    """Filter networks (functions of the geometry alone) made 10x dearer than other nodes:
+    no chain of units balances 4 ranks to 1.10, and `auto` then solves the data-flow
+    order, keeps it because it is better, and the step stays exact."""
+    model, joint, flat, ref = setup("schnet")
+    graph = joint.gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    times = {}
+    for n in graph.nodes:
+        if n.op == "call_function":
+            root = fold_root(n, by_name)
+            times[n.name] = 1e-5 if root is not None and "filter_net" in root.meta.get("module", "") else 1e-6
+    chain = partition_graph(joint.gm, 4, 1, "symfold", node_times=times, time_limit_s=10, order="chain")
+    auto = partition_graph(joint.gm, 4, 1, "symfold", node_times=times, time_limit_s=10, order="auto")
+    assert chain.imbalance() > 1.10 and chain.problem.order == "chain"
+    assert auto.problem.order == "dag" and auto.solution.objective < chain.solution.objective
+    outs = auto.plan.run(flat)
+    names = ["loss"] + joint.output_names + [f"grad_{p}" for p in joint.param_names]
+    for key, got in zip(names, outs):
+        assert_rel_close(got, ref[key], 1e-10, f"schnet auto order {key}")
+    check_fold_and_directions(auto)
+    balanced = partition_graph(joint.gm, 4, 1, "symfold", time_limit_s=10, order="auto")
+    assert balanced.imbalance() <= 1.10 and balanced.problem.order == "chain"  # met by the chain: not relaxed
+
+
+def test_unknown_unit_order_is_a_clear_error():
+    _, joint, _, _ = setup("schnet")
+    with pytest.raises(PartitionError, match="unit order"):
+        partition_graph(joint.gm, 2, 1, "symfold", order="random")
 
 
 NEQUIP_FAST = {(2, 1), (4, 1), (2, 2)}

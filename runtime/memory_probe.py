@@ -1,0 +1,47 @@
+"""Peak bytes of tensors a function allocates: the allocator's view of a step.
+
+Resident memory (RSS) counts what the C allocator keeps after tensors are freed
+(fragmentation, per-thread arenas, gloo's and Python's own buffers), which dwarfs small
+micro-batches. What the memory replay (`passes/memory.py`) predicts is the tensors
+alive, so that is what this measures: on CUDA the caching allocator's own
+``max_memory_allocated``; on CPU, where torch keeps no such counter, every allocation
+and free the profiler records on the calling thread (``profile_memory=True``), summed in
+time order. Allocations made on other threads (none of the executor's) are not seen.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+
+def allocation_peak(fn: Callable[[], Any], device: Optional[torch.device] = None) -> Tuple[Any, int]:
+    """``(fn(), peak bytes)``: the most bytes of tensors alive at once while ``fn`` ran
+    on ``device``, above what was alive when it started (frees of older tensors count)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    return out, _peak_of_events(prof)
+
+
+def _peak_of_events(prof: Any) -> int:
+    """Running sum of the profiler's CPU allocator events in time order; its maximum."""
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == cpu
+    )
+    alive = peak = 0
+    for _, nbytes in events:
+        alive += nbytes
+        peak = max(peak, alive)
+    return peak
