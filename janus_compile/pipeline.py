@@ -128,7 +128,7 @@ def _train_worker(
 
         optimizer.load_state_dict(copy.deepcopy(setup["optimizer_state"]))
 
-    def run_step(inputs: List[List[torch.Tensor]], sizes: List[Dict[str, int]], trace: bool, step: int):
+    def run_step(inputs: List[List[torch.Tensor]], sizes: List[Dict[str, int]], trace: bool, step: int) -> Tuple[Any, List[torch.Tensor], float]:
         # GradSync over (pp, dp): each gradient is computed on one stage of every
         # replica (and is already whole on every gp rank); the sum gives it to all.
         # Buckets are reduced while the rest of the backward runs.
