@@ -8,6 +8,7 @@ from conftest import assert_rel_close, random_batch
 import janus_compile
 from janus_compile import EnergyForceLoss
 from janus_compile.models import build_model
+from janus_compile.dump import partition_markdown, partition_report
 from janus_compile.passes.labels import PHASE
 from janus_compile.passes.split import FOLDED
 from janus_compile.passes.symfold import PartitionError, partition_graph
@@ -91,6 +92,8 @@ def test_data_flow_order_reproduces_eager(name, stages):
     a = part.chunk_of_unit
     assert part.problem.order == "dag"
     assert any(a[i] > a[i + 1] for i in range(len(a) - 1)), "the answer is a chain: nothing out of order tested"
+    report = partition_report(part)
+    assert report["unit_order"] == "dag" and "data flow" in partition_markdown(report)
     chain = partition_graph(setup(name)[1].gm, stages, 1, "symfold", time_limit_s=10, order="chain")
     # both proven optimal to CBC's cutoff (1e-5 of the even share); the chain is one of the dag's answers
     assert part.solution.objective <= chain.solution.objective * (1 + 1e-4)
