@@ -329,7 +329,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             extra: Dict[str, Any] = {"dump_dir": os.path.join(cfg.dump_dir, f"{name}-M{M}")} if cfg.dump_dir else {}
             if name == EQUAL_MEMORY:
                 # the trainer's cap counts parameters, gradients and Adam moments on top of the replay
-                state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+                state = OPTIMIZER_COPIES * _param_bytes(model)
                 extra["memory_cap_gb"] = (max(replayed_peaks(trainers["1f1b"], batch)) + state) / 1e9
             trainers[name] = PipelineTrainer(
                 model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s, **extra
@@ -384,7 +384,8 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             sim = tr.programs.meta["simulated"]
             n_struct, n_atoms = batch.num_structures, batch.num_atoms
             mem_est = tr.partition.rank_memory(max(sim.get("peak_in_flight") or [M]))
-            peak_est = estimated_training_growth(tr, batch)
+            replayed = replayed_peaks(tr, batch)
+            peak_est = estimated_training_growth(tr, batch, replayed)
             rss = [x["maxrss_mb"] for x in runs[sched] if "maxrss_mb" in x]
             growth = [x["rss_growth_mb"] for x in runs[sched] if "rss_growth_mb" in x]
             busy = [max(x["last_step_compute_s"]) for x in runs[sched] if "last_step_compute_s" in x]
@@ -428,7 +429,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 # what the replay predicts for it: its peak plus GradSync's gradient and
                 # bucket buffers (two copies of the parameters)
                 "allocated_peak_mb": [b / 2**20 for b in allocated[sched]] if sched in allocated else None,
-                "est_allocated_peak_mb": [b / 2**20 for b in estimated_step_allocations(tr, batch)],
+                "est_allocated_peak_mb": [b / 2**20 for b in estimated_step_allocations(tr, batch, replayed)],
                 "measured_peak_rss_mb": [max(col) for col in zip(*rss)] if rss else None,
                 "measured_rss_growth_mb": [max(col) for col in zip(*growth)] if growth else None,
                 "wavek_rule": tr.programs.meta.get("wavek_rule"),
@@ -713,19 +714,25 @@ def replayed_peaks(trainer: Any, batch: Any) -> List[float]:
     return [m.peak_bytes for m in program_memory(trainer.graphs, trainer.programs, sizes)]
 
 
-def estimated_step_allocations(trainer: Any, batch: Any) -> List[float]:
-    """Bytes per rank one step allocates at its worst moment: the replayed peak plus
-    GradSync's summed gradients and their flattened buckets (`runtime/gradsync.py`)."""
-    grads = 2 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-    return [b + grads for b in replayed_peaks(trainer, batch)]
+def _param_bytes(model: Any) -> int:
+    """Bytes of one copy of the model's parameters (a gradient, an Adam moment)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def estimated_training_growth(trainer: Any, batch: Any) -> List[float]:
+def estimated_step_allocations(trainer: Any, batch: Any, peaks: Optional[Sequence[float]] = None) -> List[float]:
+    """Bytes per rank one step allocates at its worst moment: the replayed peak (``peaks``
+    if already replayed) plus GradSync's summed gradients and their flattened buckets
+    (`runtime/gradsync.py`)."""
+    grads = 2 * _param_bytes(trainer.model)
+    return [b + grads for b in (replayed_peaks(trainer, batch) if peaks is None else peaks)]
+
+
+def estimated_training_growth(trainer: Any, batch: Any, peaks: Optional[Sequence[float]] = None) -> List[float]:
     """Bytes per rank that a training step adds on top of the loaded worker: the program's
-    replayed peak plus the summed gradients and the two Adam moments, which every rank
-    holds for every parameter (parameters are replicated)."""
-    state = 3 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-    return [b + state for b in replayed_peaks(trainer, batch)]
+    replayed peak (``peaks`` if already replayed) plus the summed gradients and the two
+    Adam moments, which every rank holds for every parameter (parameters are replicated)."""
+    state = 3 * _param_bytes(trainer.model)
+    return [b + state for b in (replayed_peaks(trainer, batch) if peaks is None else peaks)]
 
 
 def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:

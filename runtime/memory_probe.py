@@ -6,7 +6,10 @@ micro-batches. What the memory replay (`passes/memory.py`) predicts is the tenso
 alive, so that is what this measures: on CUDA the caching allocator's own
 ``max_memory_allocated``; on CPU, where torch keeps no such counter, every allocation
 and free the profiler records on the calling thread (``profile_memory=True``), summed in
-time order. Allocations made on other threads (none of the executor's) are not seen.
+time order. Allocations made on other threads (none of the executor's) are not seen,
+and frees of blocks allocated before the recording starts are not reported on CPU (torch
+warns about them): a step that frees older tensors reads higher than it is, never
+lower.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import torch
 
 def allocation_peak(fn: Callable[[], Any], device: Optional[torch.device] = None) -> Tuple[Any, int]:
     """``(fn(), peak bytes)``: the most bytes of tensors alive at once while ``fn`` ran
-    on ``device``, above what was alive when it started (frees of older tensors count)."""
+    on ``device``, above what was alive when it started (on CUDA frees of older tensors
+    lower it; on CPU they are not seen, see the module docstring)."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)

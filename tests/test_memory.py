@@ -170,20 +170,26 @@ def test_allocation_peak_counts_what_is_alive_at_the_worst_moment():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("schedule,chunks", [("wavek", 2), ("1f1b", 1), ("gpipe", 1)])
-def test_measured_allocations_of_real_workers_confirm_the_replay(schedule, chunks):
+@pytest.mark.parametrize("name,schedule,chunks", [("schnet", "wavek", 2), ("schnet", "gpipe", 1), ("nequip", "1f1b", 1)])
+def test_measured_allocations_of_real_workers_confirm_the_replay(name, schedule, chunks):
     """Real gloo workers: the tensors a step allocates at its worst moment (profiler
-    allocator events) match the replay plus GradSync's two gradient copies."""
+    allocator events) match the replay plus GradSync's two gradient copies. NequIP's
+    1F1B rank 1 receives ~160 tensors per micro-batch, some sent as contiguous copies of
+    transposes and expands: it read 1.21 while the executor held received buffers and
+    group arguments past their last use."""
     from janus_compile import EnergyForceLoss
     from janus_compile.bench import estimated_step_allocations
     from janus_compile.pipeline import PipelineTrainer
 
     torch.manual_seed(0)
-    model = build_model("schnet", hidden=8, num_interactions=4, num_rbf=6, cutoff=3.5).double().train()
+    if name == "nequip":
+        model = build_model("nequip", num_interactions=2, cutoff=3.5).double().train()
+    else:
+        model = build_model(name, hidden=8, num_interactions=4, num_rbf=6, cutoff=3.5).double().train()
     batch = random_batch(3, 4)
     loss = EnergyForceLoss(energy_weight=1.0, force_weight=10.0, stress_weight=100.0)
     trainer = PipelineTrainer(model, batch, loss=loss, stages=2, chunks=chunks, microbatches=4, schedule=schedule, calibrate=False)
     measured = trainer.measure_memory(batch)
     estimated = estimated_step_allocations(trainer, batch)
     for rank, (got, est) in enumerate(zip(measured, estimated)):
-        assert 0.95 <= got / est <= 1.10, f"{schedule} rank {rank}: measured {got} B, replayed {est:.0f} B"
+        assert 0.95 <= got / est <= 1.05, f"{schedule} rank {rank}: measured {got} B, replayed {est:.0f} B"

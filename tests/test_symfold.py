@@ -41,13 +41,18 @@ def setup(name):
     return _cache[name]
 
 
-def check_split_exact(name, stages, chunks, method="symfold", **options):
-    model, joint, flat, ref = setup(name)
-    part = partition_graph(joint.gm, stages, chunks, method, time_limit_s=10, **options)
+def assert_plan_exact(name, part, what):
+    """The partition's split graphs, run in order, give eager's loss, outputs and grads."""
+    _, joint, flat, ref = setup(name)
     outs = part.plan.run(flat)
     names = ["loss"] + joint.output_names + [f"grad_{p}" for p in joint.param_names]
     for key, got in zip(names, outs):
-        assert_rel_close(got, ref[key], 1e-10, f"{name} P={stages} K={chunks} {method} {key}")
+        assert_rel_close(got, ref[key], 1e-10, f"{name} {what} {key}")
+
+
+def check_split_exact(name, stages, chunks, method="symfold", **options):
+    part = partition_graph(setup(name)[1].gm, stages, chunks, method, time_limit_s=10, **options)
+    assert_plan_exact(name, part, f"P={stages} K={chunks} {method}")
     return part
 
 
@@ -103,7 +108,7 @@ def test_auto_order_relaxes_the_chain_only_when_it_misses_the_target():
     """Filter networks (functions of the geometry alone) made 10x dearer than other nodes:
     no chain of units balances 4 ranks to 1.10, and `auto` then solves the data-flow
     order, keeps it because it is better, and the step stays exact."""
-    model, joint, flat, ref = setup("schnet")
+    joint = setup("schnet")[1]
     graph = joint.gm.graph
     by_name = {n.name: n for n in graph.nodes}
     times = {}
@@ -115,10 +120,7 @@ def test_auto_order_relaxes_the_chain_only_when_it_misses_the_target():
     auto = partition_graph(joint.gm, 4, 1, "symfold", node_times=times, time_limit_s=10, order="auto")
     assert chain.imbalance() > 1.10 and chain.problem.order == "chain"
     assert auto.problem.order == "dag" and auto.solution.objective < chain.solution.objective
-    outs = auto.plan.run(flat)
-    names = ["loss"] + joint.output_names + [f"grad_{p}" for p in joint.param_names]
-    for key, got in zip(names, outs):
-        assert_rel_close(got, ref[key], 1e-10, f"schnet auto order {key}")
+    assert_plan_exact("schnet", auto, "auto order")
     check_fold_and_directions(auto)
     balanced = partition_graph(joint.gm, 4, 1, "symfold", time_limit_s=10, order="auto")
     assert balanced.imbalance() <= 1.10 and balanced.problem.order == "chain"  # met by the chain: not relaxed
