@@ -43,10 +43,14 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("1f1b", "hanayo", "wavek", "gpipe")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 from .options import AUTO_CHUNKS, chunks_arg
+from .memory_budget import AUTO_MEMORY_FRACTION
 from .passes.symfold_ilp import OPTIMIZER_COPIES
 
 EQUAL_MEMORY = "wavek@1f1b-mem"
 """WaveK limited to the peak memory 1F1B uses (a second WaveK row of the bench)."""
+COUNT_CAP = "wavek@count-P"
+"""WaveK held to P micro-batches in flight per rank whatever the memory (``memory_cap_gb=None``;
+the plain ``wavek`` row has the default ``'auto'``, a share of the device's memory)."""
 
 PAPER_RATIOS = {"wavek/1f1b": 1.51, "wavek/hanayo": 1.45}  # 32 GPUs, averaged (abstract)
 SIM_UNITS_PER_CHUNK = 3.0  # a simulated model gets at least this many (module) units per chunk
@@ -81,8 +85,12 @@ class BenchConfig:
     sim_ilp_time_s: float = 5.0
     # Also run WaveK at 1F1B's memory (EQUAL_MEMORY): its budget is the peak 1F1B itself
     # uses on its worst rank, replayed by passes/memory.py, in-flight caps up to 2P searched.
-    # "wavek" itself keeps its default limit, P micro-batches in flight per rank.
+    # "wavek" itself keeps its default limit, memory_cap_gb="auto" (a share of the device's
+    # memory; in the simulation, of sim_memory_gb per rank).
     equal_memory: bool = True
+    # Also run WaveK held to P micro-batches in flight whatever the memory (COUNT_CAP)
+    count_cap: bool = True
+    sim_memory_gb: float = 80.0  # memory of one simulated device (H100-class)
     # After the timed runs, one more step per schedule with every tensor allocation
     # recorded (runtime/memory_probe.py): the measured peak the memory replay predicts
     allocator_probe: bool = True
@@ -99,6 +107,8 @@ class BenchConfig:
             raise ValueError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
         if self.chunks != AUTO_CHUNKS and not (isinstance(self.chunks, int) and self.chunks >= 1):
             raise ValueError(f"chunks must be a positive integer or {AUTO_CHUNKS!r}, got {self.chunks!r}")
+        if not self.sim_memory_gb > 0:
+            raise ValueError(f"sim_memory_gb must be positive, got {self.sim_memory_gb}")
         for name in ("stages", "repeats", "steps", "mb_structures", "atoms", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -115,6 +125,7 @@ class BenchConfig:
     def runs(self) -> List[str]:
         """What the bench times: the schedules, plus WaveK at 1F1B's memory when asked for."""
         extra = [EQUAL_MEMORY] if self.equal_memory and {"wavek", "1f1b"} <= set(self.schedules) else []
+        extra += [COUNT_CAP] if self.count_cap and "wavek" in self.schedules else []
         return list(self.schedules) + extra
 
 
@@ -322,7 +333,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
         build_s: Dict[str, float] = {}
         # 1F1B first: its replayed peak is the memory cap of WaveK at equal memory
         for name in sorted(cfg.runs, key=lambda s: s != "1f1b"):
-            sched = "wavek" if name == EQUAL_MEMORY else name
+            sched = "wavek" if name in (EQUAL_MEMORY, COUNT_CAP) else name
             t0 = time.perf_counter()
             model = build_bench_model(cfg.model, cfg.hidden, cfg.layers, cfg.cutoff, cfg.dtype, cfg.seed)
             chunks = {"1f1b": 1, "hanayo": 2}.get(sched, cfg.chunks)
@@ -331,6 +342,8 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 # the trainer's cap counts parameters, gradients and Adam moments on top of the replay
                 state = OPTIMIZER_COPIES * _param_bytes(model)
                 extra["memory_cap_gb"] = (max(replayed_peaks(trainers["1f1b"], batch)) + state) / 1e9
+            elif name == COUNT_CAP:
+                extra["memory_cap_gb"] = None
             trainers[name] = PipelineTrainer(
                 model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s, **extra
             )
@@ -435,6 +448,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "wavek_rule": tr.programs.meta.get("wavek_rule"),
                 "wavek_cap": tr.programs.meta.get("wavek_cap"),
                 "memory_cap_gb": tr.compiled.options.memory_cap_gb,
+                "wavek_memory_budget_bytes": tr.programs.meta.get("wavek_memory_budget_bytes"),
                 "runs": runs[sched],
             }
         thr = {s: per[s]["structures_per_s"] for s in per}
@@ -451,6 +465,8 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                     "wavek/hanayo": _ratio(thr.get("wavek"), thr.get("hanayo")),
                     "wavek/gpipe": _ratio(thr.get("wavek"), thr.get("gpipe")),
                     "wavek@1f1b-mem/1f1b": _ratio(thr.get(EQUAL_MEMORY), thr.get("1f1b")),
+                    "wavek@count-P/1f1b": _ratio(thr.get(COUNT_CAP), thr.get("1f1b")),
+                    "wavek@count-P/hanayo": _ratio(thr.get(COUNT_CAP), thr.get("hanayo")),
                 },
                 "sim_ratios": {
                     "wavek/1f1b": _ratio(per.get("1f1b", {}).get("simulated_step_s"), per.get("wavek", {}).get("simulated_step_s")),
@@ -474,6 +490,7 @@ class _SimModel:
     sizes: Dict[str, int]
     max_units: int
     calibrate_s: float
+    param_bytes: int  # one copy of the parameters (a gradient, an Adam moment)
 
 
 def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[Any]) -> _SimModel:
@@ -493,7 +510,7 @@ def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[A
     sizes = size_values_from_batch(mbs[0])
     node_times = cm.times(joint.gm.graph, sizes)
     units = build_units(joint.gm.graph, min_units=10**9)
-    return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0)
+    return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0, _param_bytes(model))
 
 
 def _sim_schedules(
@@ -503,11 +520,15 @@ def _sim_schedules(
     sim_chunks: Sequence[int],
     sizes: Mapping[str, int],
     equal_memory: bool = True,
+    count_cap: bool = True,
+    device_budget_bytes: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Schedule and simulate every schedule on its partition; memory per rank is the
     replayed peak of its programs (`passes.memory.MemoryReplay`) at the micro-batch's
-    sizes. With ``equal_memory``, WaveK also runs under a budget of 1F1B's worst rank
-    (result key `EQUAL_MEMORY`)."""
+    sizes. WaveK runs as the trainer's default would on a device whose budget for the
+    replayed peak is ``device_budget_bytes`` (None: the count cap of P). With
+    ``equal_memory`` WaveK also runs under a budget of 1F1B's worst rank (result key
+    `EQUAL_MEMORY`), with ``count_cap`` at P in flight whatever the memory (`COUNT_CAP`)."""
     from .passes.memory import MemoryReplay
     from .passes.wavek import make_programs
     from .runtime.executor import StageGraphs
@@ -515,9 +536,10 @@ def _sim_schedules(
     replays = {key: MemoryReplay(StageGraphs.from_plan(p.plan)) for key, p in parts.items()}
     res: Dict[str, Any] = {}
     names = list(schedules) + ([EQUAL_MEMORY] if equal_memory and {"wavek", "1f1b"} <= set(schedules) else [])
+    names += [COUNT_CAP] if count_cap and "wavek" in schedules else []
     # 1F1B first: its replayed peak is the budget of WaveK at equal memory
     for name in sorted(names, key=lambda s: s != "1f1b"):
-        sched = "wavek" if name == EQUAL_MEMORY else name
+        sched = "wavek" if name in (EQUAL_MEMORY, COUNT_CAP) else name
         if sched == "1f1b":
             keys = [("unfolded", 1)]
         elif sched == "hanayo":
@@ -539,6 +561,8 @@ def _sim_schedules(
             kw: Dict[str, Any] = {}
             if name == EQUAL_MEMORY:
                 kw = {"memory_budget_bytes": res["1f1b"]["peak_memory_bytes"], "memory_of": memory_of}
+            elif name == "wavek" and device_budget_bytes is not None:
+                kw = {"memory_budget_bytes": device_budget_bytes, "memory_of": memory_of}
             programs = make_programs(dag, sched, **kw)
             sim = programs.meta["simulated"]
             cand = {
@@ -614,7 +638,9 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
             for f in cfg.sim_factors:
                 M = f * P
                 dags = {k: PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency) for k, p in parts.items()}
-                res = _sim_schedules(parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.equal_memory)
+                # the trainer's default, memory_cap_gb='auto', on a device of sim_memory_gb
+                budget = AUTO_MEMORY_FRACTION * cfg.sim_memory_gb * 1e9 - OPTIMIZER_COPIES * sm.param_bytes
+                res = _sim_schedules(parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.equal_memory, cfg.count_cap, budget)
                 thr = {s: M * S / r["makespan_s"] for s, r in res.items()}
                 row = {
                     "model": name,
@@ -628,9 +654,12 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                         "wavek/hanayo": _ratio(thr.get("wavek"), thr.get("hanayo")),
                         "wavek/gpipe": _ratio(thr.get("wavek"), thr.get("gpipe")),
                         "wavek@1f1b-mem/1f1b": _ratio(thr.get(EQUAL_MEMORY), thr.get("1f1b")),
+                        "wavek@count-P/1f1b": _ratio(thr.get(COUNT_CAP), thr.get("1f1b")),
+                        "wavek@count-P/hanayo": _ratio(thr.get(COUNT_CAP), thr.get("hanayo")),
                     },
                     "wavek_efficiency": res.get("wavek", {}).get("efficiency"),
                     "wavek_eqmem_efficiency": res.get(EQUAL_MEMORY, {}).get("efficiency"),
+                    "wavek_count_efficiency": res.get(COUNT_CAP, {}).get("efficiency"),
                     "imbalance": {f"{m} K={k}": p.imbalance() for (m, k), p in parts.items()},
                     "partition_s": part_s,
                     "errors": errors,
@@ -640,7 +669,8 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                     r = row["ratios"]
                     print(
                         f"  [sim] {name} P={P} M={M}: wavek/1f1b {_fmt(r['wavek/1f1b'])}, wavek/hanayo {_fmt(r['wavek/hanayo'])}, "
-                        f"wavek eff {_fmt(row['wavek_efficiency'])}; at 1F1B's memory: wavek/1f1b {_fmt(r['wavek@1f1b-mem/1f1b'])}",
+                        f"wavek eff {_fmt(row['wavek_efficiency'])}; at P in flight: wavek/1f1b {_fmt(r['wavek@count-P/1f1b'])}; "
+                        f"at 1F1B's memory: wavek/1f1b {_fmt(r['wavek@1f1b-mem/1f1b'])}",
                         flush=True,
                     )
     return {
@@ -649,6 +679,7 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
         "notes": notes,
         "micro_batch": {"structures": S, **_sizes_of(mbs[0])},
         "bandwidth_gb_s": cfg.sim_bandwidth_gbs,
+        "device_memory_gb": cfg.sim_memory_gb,
         "latency_us": cfg.sim_latency_us,
         "paper": PAPER_RATIOS,
     }
@@ -685,6 +716,9 @@ def sim_averages(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "wavek_efficiency": _mean([r["wavek_efficiency"] for r in sel]),
                 "wavek@1f1b-mem/1f1b": _mean([r["ratios"].get("wavek@1f1b-mem/1f1b") for r in sel]),
                 "wavek_eqmem_efficiency": _mean([r.get("wavek_eqmem_efficiency") for r in sel]),
+                "wavek@count-P/1f1b": _mean([r["ratios"].get("wavek@count-P/1f1b") for r in sel]),
+                "wavek@count-P/hanayo": _mean([r["ratios"].get("wavek@count-P/hanayo") for r in sel]),
+                "wavek_count_efficiency": _mean([r.get("wavek_count_efficiency") for r in sel]),
             }
         )
     return out
@@ -767,6 +801,18 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"| {_allocated_text(r)} |"
             )
         ra, sr = e["ratios"], e["sim_ratios"]
+        plain = e["schedules"].get("wavek")
+        if plain and plain.get("wavek_memory_budget_bytes"):
+            lines.append(
+                f"\nwavek: memory_cap_gb={plain.get('memory_cap_gb')!r}, {plain['wavek_memory_budget_bytes'] / 1e9:.3g} GB per rank "
+                f"for the replayed peak, in-flight cap {_cap_text(plain.get('wavek_cap'))}."
+            )
+        if COUNT_CAP in e["schedules"]:
+            lines.append(
+                f"\n{COUNT_CAP}: WaveK at most P micro-batches in flight per rank (memory_cap_gb=None); measured "
+                f"{COUNT_CAP}/1f1b **{_fmt(ra.get('wavek@count-P/1f1b'))}×**, {COUNT_CAP}/hanayo "
+                f"**{_fmt(ra.get('wavek@count-P/hanayo'))}×**."
+            )
         wk = e["schedules"].get(EQUAL_MEMORY)
         if wk and wk.get("memory_cap_gb"):
             lines.append(
@@ -811,29 +857,35 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
     scheds = [s for s in SCHEDULES if any(s in r["schedules"] for r in rows)]
     head = (
         "| model | blocks | P | M | " + " | ".join(f"{s} str/s" for s in scheds)
-        + " | wavek K | wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem: wavek, hanayo "
+        + " | wavek K | wavek cap | wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem: wavek, hanayo "
+        + "| P in flight: wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem "
         + "| at 1F1B's mem: wavek cap | wavek/1f1b | wavek eff. |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         thr = r["structures_per_s"]
         wk, eq = r["schedules"].get("wavek", {}), r["schedules"].get(EQUAL_MEMORY, {})
+        ra = r["ratios"]
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['stages']} | {r['microbatches']} | "
             + " | ".join(_fmt(thr.get(s), ".1f") for s in scheds)
-            + f" | {wk.get('chunks', 'n/a')} | {_fmt(r['ratios']['wavek/1f1b'])} | {_fmt(r['ratios']['wavek/hanayo'])} "
+            + f" | {wk.get('chunks', 'n/a')} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(ra['wavek/1f1b'])} | {_fmt(ra['wavek/hanayo'])} "
             + f"| {_fmt(r['wavek_efficiency'])} | {_fmt(_memory_ratio(r, 'wavek'))}, {_fmt(_memory_ratio(r, 'hanayo'))} "
-            + f"| {_cap_text(eq.get('wavek_cap'))} | {_fmt(r['ratios'].get('wavek@1f1b-mem/1f1b'))} | {_fmt(r.get('wavek_eqmem_efficiency'))} |"
+            + f"| {_fmt(ra.get('wavek@count-P/1f1b'))} | {_fmt(ra.get('wavek@count-P/hanayo'))} | {_fmt(r.get('wavek_count_efficiency'))} "
+            + f"| {_fmt(_memory_ratio(r, COUNT_CAP))} "
+            + f"| {_cap_text(eq.get('wavek_cap'))} | {_fmt(ra.get('wavek@1f1b-mem/1f1b'))} | {_fmt(r.get('wavek_eqmem_efficiency'))} |"
         )
     lines += [
         "",
-        "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency | at 1F1B's mem: wavek/1f1b | wavek efficiency |",
-        "|---|---|---|---|---|---|---|",
+        "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency | P in flight: wavek/1f1b "
+        "| wavek/hanayo | wavek efficiency | at 1F1B's mem: wavek/1f1b | wavek efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in sim["averages"]:
         lines.append(
             f"| {a['stages']} | {a['n']} | {_fmt(a['wavek/1f1b'])} ({_fmt(a['wavek/1f1b_gmean'])}) | "
             f"{_fmt(a['wavek/hanayo'])} ({_fmt(a['wavek/hanayo_gmean'])}) | {_fmt(a['wavek_efficiency'])} "
+            f"| {_fmt(a.get('wavek@count-P/1f1b'))} | {_fmt(a.get('wavek@count-P/hanayo'))} | {_fmt(a.get('wavek_count_efficiency'))} "
             f"| {_fmt(a.get('wavek@1f1b-mem/1f1b'))} | {_fmt(a.get('wavek_eqmem_efficiency'))} |"
         )
     p = sim["paper"]
@@ -923,6 +975,8 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_bandwidth_gbs=args.sim_bandwidth,
         sim_latency_us=args.sim_latency_us,
         equal_memory=not args.no_equal_memory,
+        count_cap=not args.no_count_cap,
+        sim_memory_gb=args.sim_memory_gb,
         allocator_probe=not args.no_allocator_probe,
         dump_dir=args.dump_dir,
     )
@@ -956,6 +1010,14 @@ def add_bench_args(p: Any) -> None:
     p.add_argument(
         "--no-equal-memory", action="store_true",
         help=f"skip the {EQUAL_MEMORY} row (WaveK limited to the peak memory 1F1B uses, replayed; in-flight caps up to 2P searched)",
+    )
+    p.add_argument(
+        "--no-count-cap", action="store_true",
+        help=f"skip the {COUNT_CAP} row (WaveK held to P micro-batches in flight per rank; the wavek row fills a share of the device's memory)",
+    )
+    p.add_argument(
+        "--sim-memory-gb", type=float, default=80.0,
+        help="memory of one simulated device (GB): the simulated wavek row may fill the share memory_cap_gb='auto' takes of it",
     )
     p.add_argument(
         "--no-allocator-probe", action="store_true",

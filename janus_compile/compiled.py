@@ -102,7 +102,6 @@ class CompiledMLIP(nn.Module):
                 device = batch.positions.device.type
                 self._node_times[id(graph)] = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
             node_times = self._node_times[id(graph)]
-        cap = None if opts.memory_cap_gb is None else opts.memory_cap_gb * 1e9
         return partition_graph(
             graph.gm,
             opts.stages,
@@ -111,7 +110,7 @@ class CompiledMLIP(nn.Module):
             node_times=node_times,
             sizes=sizes,
             time_limit_s=opts.ilp_time_limit_s,
-            memory_cap_bytes=cap,
+            memory_cap_bytes=opts.memory_cap_bytes,
             microbatches_in_flight=opts.microbatches_in_flight,
             replicate=opts.replicate,
             order=opts.unit_order,

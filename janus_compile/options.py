@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from .errors import JanusError
+from .memory_budget import AUTO_MEMORY
 
 SCHEDULES = ("wavek", "1f1b", "hanayo", "gpipe")
 PARTITIONS = ("symfold", "even", "unfolded")
@@ -55,8 +56,10 @@ class JanusOptions:
     replicate: str = "auto"  # recompute geometry on the chunks that read it: auto / always / never
     unit_order: str = "auto"  # SymFold chunks: contiguous runs of units (chain), any data-flow order (dag), or dag when the chain misses max/mean 1.10 (auto)
     ilp_time_limit_s: float = 30.0
-    memory_cap_gb: Optional[float] = None  # per rank: bounds the ILP and WaveK's in-flight search
-    max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; 2P with a memory cap)
+    # per rank: a number bounds the ILP and WaveK's in-flight search; "auto" lets WaveK fill a
+    # share of the rank's device memory (memory_budget.py); None keeps the count of P in flight
+    memory_cap_gb: Union[float, str, None] = AUTO_MEMORY
+    max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; min(M, 2P) with a memory cap)
     calibrate: bool = True
     device: str = "cpu"  # pipeline workers: "cpu" (gloo) or "cuda" (one GPU per process, NCCL)
     inductor: bool = False  # run the joint graph (one process) or each stage graph (workers) through TorchInductor
@@ -92,8 +95,12 @@ class JanusOptions:
             raise OptionsError(f"option 'ilp_time_limit_s' must be positive, got {self.ilp_time_limit_s!r}")
         if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):
             raise OptionsError(f"option 'max_in_flight' must be a positive integer or None, got {self.max_in_flight!r}")
-        if self.memory_cap_gb is not None and not self.memory_cap_gb > 0:
-            raise OptionsError(f"option 'memory_cap_gb' must be positive (GB per rank), got {self.memory_cap_gb!r}")
+        cap = self.memory_cap_gb
+        if cap is not None and cap != AUTO_MEMORY and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise OptionsError(
+                f"option 'memory_cap_gb' must be a positive number (GB per rank), {AUTO_MEMORY!r} (a share of each rank's "
+                f"device memory) or None (at most P micro-batches in flight), got {cap!r}"
+            )
         if not isinstance(self.device, str) or self.device not in ("cpu", "cuda"):
             raise OptionsError(
                 f"option 'device' must be 'cpu' or 'cuda' (each pipeline worker then takes its own GPU), got {self.device!r}"
@@ -114,6 +121,12 @@ class JanusOptions:
         if self.schedule == "gpipe":
             return self.microbatches
         return min(self.microbatches, self.max_in_flight or self.stages)
+
+    @property
+    def memory_cap_bytes(self) -> Optional[float]:
+        """A cap the user set, in bytes (None for 'auto' and None): what bounds the ILP."""
+        cap = self.memory_cap_gb
+        return None if cap is None or cap == AUTO_MEMORY else float(cap) * 1e9
 
     @property
     def world_size(self) -> int:

@@ -16,6 +16,7 @@ sharded is the activation memory and the compute.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -362,7 +363,12 @@ class PipelineTrainer:
         """WaveK's in-flight limit from the options: ``max_in_flight`` (a count) and/or
         ``memory_cap_gb`` (bytes per rank: the replayed peak of a rank's program, at the
         example's micro-batch sizes, plus the parameters, gradients and Adam moments that
-        every rank holds), so the search keeps the fastest schedule that fits."""
+        every rank holds), so the search keeps the fastest schedule that fits.
+
+        ``memory_cap_gb='auto'`` (the default) is a share of each rank's device memory
+        (`memory_budget.auto_memory_budget_bytes`); a cap the user set that nothing fits is
+        an error, the automatic one falls back to P in flight with a warning."""
+        from .memory_budget import AUTO_MEMORY, auto_memory_budget_bytes
         from .passes.memory import MemoryReplay
         from .passes.symfold_ilp import OPTIMIZER_COPIES
 
@@ -373,19 +379,33 @@ class PipelineTrainer:
         if opts.memory_cap_gb is None:
             return limits
         state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in self.model.parameters())
-        budget = opts.memory_cap_gb * 1e9 - state
-        if budget <= 0:
-            raise ValueError(
-                f"memory_cap_gb={opts.memory_cap_gb} is below the {state / 1e9:.3g} GB that parameters, gradients and "
-                "Adam moments take on every rank: raise the cap"
-            )
+        auto = opts.memory_cap_gb == AUTO_MEMORY
+        if auto:
+            per_host = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.torchrun else self.world_size
+            device_bytes = auto_memory_budget_bytes(opts.device, per_host)
+            if device_bytes is None:
+                return limits
+            budget = device_bytes - state
+            if budget <= 0:
+                log.warning(
+                    "memory_cap_gb='auto': parameters, gradients and Adam moments (%.3g GB) fill the %.3g GB a rank may use; "
+                    "WaveK keeps P micro-batches in flight", state / 1e9, device_bytes / 1e9,
+                )
+                return limits
+        else:
+            budget = opts.memory_cap_gb * 1e9 - state
+            if budget <= 0:
+                raise ValueError(
+                    f"memory_cap_gb={opts.memory_cap_gb} is below the {state / 1e9:.3g} GB that parameters, gradients and "
+                    "Adam moments take on every rank: raise the cap"
+                )
         mbs = local_microbatches(example_batch, self.microbatches, 0, self.data_parallel, 0, 1)
         sizes = [size_values_from_batch(mb) for mb in mbs]
         replay = MemoryReplay(graphs)
         limits.update(
             memory_budget_bytes=budget,
             memory_of=lambda programs: replay.peaks(programs, sizes),
-            strict=True,
+            strict=not auto,
         )
         return limits
 

@@ -891,6 +891,8 @@ def make_programs(dag: PipelineDAG, schedule: str = "wavek", **kw: Any) -> Progr
         found = wavek_search(dag, **kw)
         orders = found.orders
         extra = {"wavek_rule": found.rule, "wavek_cap": cap_label(found.cap)}
+        if kw.get("memory_budget_bytes") is not None:
+            extra["wavek_memory_budget_bytes"] = float(kw["memory_budget_bytes"])
         if found.memory_bytes is not None:
             extra["wavek_memory_bytes"] = found.memory_bytes
             extra["wavek_memory_fits"] = found.memory_fits

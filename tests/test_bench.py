@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from janus_compile.bench import EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation
+from janus_compile.bench import COUNT_CAP, EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation
 from janus_compile.cli import main
 
 TINY = ["--hidden", "8", "--layers", "2", "--atoms", "8"]
@@ -25,7 +25,15 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys):
     result = json.loads(out.read_text())
     (entry,) = result["real"]
     assert entry["stages"] == 2 and entry["microbatches"] == 2
-    assert set(entry["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY}
+    assert set(entry["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY, COUNT_CAP}
+    # the plain wavek row is the trainer's default (a share of this host's memory), the
+    # count-cap row holds P = 2 micro-batches in flight whatever the memory
+    plain, counted = entry["schedules"]["wavek"], entry["schedules"][COUNT_CAP]
+    assert plain["memory_cap_gb"] == "auto" and plain["wavek_memory_budget_bytes"] > 0
+    assert counted["memory_cap_gb"] is None and counted["wavek_memory_budget_bytes"] is None
+    assert max(counted["sim_peak_in_flight"]) <= 2
+    assert entry["ratios"]["wavek@count-P/1f1b"] > 0 and entry["ratios"]["wavek@count-P/hanayo"] > 0
+    assert f"| {COUNT_CAP} |" in text and "memory_cap_gb='auto'" in text
     # WaveK at equal memory: capped at what 1F1B's programs replay to (both rows add the same optimizer state)
     eq, base = entry["schedules"][EQUAL_MEMORY], entry["schedules"]["1f1b"]
     assert eq["memory_cap_gb"] > 0 and max(eq["est_peak_growth_mb"]) <= max(base["est_peak_growth_mb"]) * (1 + 1e-9)
@@ -57,7 +65,12 @@ def test_simulation_at_p4_gives_finite_ratios():
     sim = run_simulation(cfg, progress=False)
     assert [(r["stages"], r["microbatches"]) for r in sim["rows"]] == [(4, 4), (4, 8)]
     for r in sim["rows"]:
-        assert set(r["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY}, r["errors"]
+        assert set(r["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY, COUNT_CAP}, r["errors"]
+        # the default fills an 80 GB device: it may hold more than P in flight, never fewer,
+        # and its search contains every count-cap candidate, so it is never slower
+        assert r["schedules"][COUNT_CAP]["peak_in_flight"] <= 4
+        assert r["schedules"]["wavek"]["makespan_s"] <= r["schedules"][COUNT_CAP]["makespan_s"] * (1 + 1e-9)
+        assert r["schedules"]["wavek"]["wavek_memory_fits"] is True
         eq = r["schedules"][EQUAL_MEMORY]
         if eq["wavek_memory_fits"]:
             assert eq["peak_memory_bytes"] <= r["schedules"]["1f1b"]["peak_memory_bytes"] * (1 + 1e-9)
@@ -69,7 +82,8 @@ def test_simulation_at_p4_gives_finite_ratios():
     avg = {a["stages"]: a for a in sim["averages"]}
     assert math.isfinite(avg[4]["wavek/1f1b"]) and math.isfinite(avg["all"]["wavek/hanayo"])
     table = markdown_sim(sim)
-    assert "wavek/1f1b" in table and "| schnet |" in table
+    assert "wavek/1f1b" in table and "| schnet |" in table and "P in flight: wavek/1f1b" in table
+    assert math.isfinite(avg[4]["wavek@count-P/1f1b"]) and 0 < avg[4]["wavek_count_efficiency"] <= 1
     # a 2-block model has too few units for 4 × 2 chunks at 1.5 units each: rebuilt deeper, and said so
     assert all(r["layers"] >= 2 for r in sim["rows"])
 
@@ -79,3 +93,5 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(schedules=["pipedream"])
     with pytest.raises(ValueError, match="stages >= 2"):
         BenchConfig(stages=1)
+    with pytest.raises(ValueError, match="sim_memory_gb must be positive"):
+        BenchConfig(sim_memory_gb=0)

@@ -133,7 +133,17 @@ def test_scripted_submodule_is_refused_with_the_fix():
         janus_compile.compile(model, random_batch(0, 2))
 
 
-@pytest.mark.parametrize("options, match", [({"stagez": 2}, "unknown"), ({"stages": 0}, "positive"), ({"schedule": "x"}, "wavek")])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"stagez": 2}, "unknown"),
+        ({"stages": 0}, "positive"),
+        ({"schedule": "x"}, "wavek"),
+        ({"memory_cap_gb": "lots"}, "positive number .* 'auto' .* or None"),
+        ({"memory_cap_gb": -1.0}, "memory_cap_gb"),
+        ({"memory_cap_gb": True}, "memory_cap_gb"),
+    ],
+)
 def test_bad_options(options, match):
     model = build_model("schnet", hidden=8, num_interactions=1, cutoff=3.5).double()
     with pytest.raises(OptionsError, match=match):

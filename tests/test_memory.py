@@ -193,3 +193,24 @@ def test_measured_allocations_of_real_workers_confirm_the_replay(name, schedule,
     estimated = estimated_step_allocations(trainer, batch)
     for rank, (got, est) in enumerate(zip(measured, estimated)):
         assert 0.95 <= got / est <= 1.05, f"{schedule} rank {rank}: measured {got} B, replayed {est:.0f} B"
+
+
+def test_auto_budget_is_a_share_of_the_host_split_between_its_processes():
+    """memory_cap_gb='auto' on CPU: ranks on one host share its memory."""
+    from janus_compile.memory_budget import AUTO_MEMORY_FRACTION, auto_memory_budget_bytes, device_memory_bytes, host_memory_bytes
+
+    host = host_memory_bytes()
+    with open("/proc/meminfo") as f:
+        total_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    assert abs(host - 1024 * total_kb) <= 0.01 * host  # the kernel's own figure
+    assert device_memory_bytes("cpu", 4) == host // 4
+    assert auto_memory_budget_bytes("cpu", 4) == int(AUTO_MEMORY_FRACTION * (host // 4))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where no GPU is visible")
+def test_auto_budget_without_a_gpu_is_unknown_and_says_so(caplog):
+    from janus_compile.memory_budget import auto_memory_budget_bytes
+
+    with caplog.at_level("WARNING"):
+        assert auto_memory_budget_bytes("cuda", 2) is None
+    assert "cannot tell the memory of a cuda rank" in caplog.text

@@ -8,6 +8,7 @@ import torch
 from conftest import assert_rel_close, eager_adam_losses, random_batch
 
 from janus_compile import EnergyForceLoss
+from janus_compile.memory_budget import auto_memory_budget_bytes
 from janus_compile.models import build_model
 from janus_compile.pipeline import PipelineTrainer
 from janus_compile.runtime.launch import WorkerError
@@ -131,7 +132,7 @@ def test_memory_cap_lets_wavek_keep_more_in_flight_and_stays_exact():
     model = _model()
     batch = random_batch(5, 8)
     kw = dict(loss=LOSS, stages=2, chunks=1, microbatches=8, schedule="wavek", calibrate=False)
-    counted = PipelineTrainer(model, batch, **kw)
+    counted = PipelineTrainer(model, batch, memory_cap_gb=None, **kw)
     assert max(counted.programs.meta["simulated"]["peak_in_flight"]) <= 2
     state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
     budget = 2.0 * _replayed_peak(counted, batch)
@@ -143,6 +144,35 @@ def test_memory_cap_lets_wavek_keep_more_in_flight_and_stays_exact():
     assert max(meta["wavek_memory_bytes"]) == pytest.approx(_replayed_peak(trainer, batch))
     out = trainer.gradients(batch)
     _assert_equals_eager(out, model, batch, "memory-capped wavek")
+    # the default, memory_cap_gb='auto', is a share of this host's memory split between the
+    # two ranks: far more than these micro-batches need, so it too holds more than P
+    default = PipelineTrainer(model, batch, **kw)
+    meta = default.programs.meta
+    assert meta["wavek_memory_budget_bytes"] == pytest.approx(auto_memory_budget_bytes("cpu", 2) - state)
+    assert max(meta["simulated"]["peak_in_flight"]) > 2 and meta["wavek_memory_fits"] is True
+    assert meta["simulated"]["makespan_s"] <= counted.programs.meta["simulated"]["makespan_s"] * (1 + 1e-9)
+
+
+def test_auto_memory_that_nothing_fits_falls_back_to_p_in_flight(monkeypatch, caplog):
+    """'auto' is no promise the user made: where the share of memory is too small for any
+    schedule, WaveK warns and keeps P in flight rather than refusing to train."""
+    import janus_compile.memory_budget as memory_budget
+
+    model = _model()
+    batch = random_batch(5, 4)
+    monkeypatch.setattr(memory_budget, "host_memory_bytes", lambda: 10**5)  # 37.5 kB per rank: below the 70 kB optimizer state
+    with caplog.at_level("WARNING"):
+        trainer = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks=1, microbatches=4, schedule="wavek", calibrate=False)
+    assert "WaveK keeps P micro-batches in flight" in caplog.text
+    assert "wavek_memory_budget_bytes" not in trainer.programs.meta
+    assert max(trainer.programs.meta["simulated"]["peak_in_flight"]) <= 2
+    monkeypatch.setattr(memory_budget, "host_memory_bytes", lambda: 6 * 10**5)  # 225 kB per rank: the state fits, no schedule does
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        trainer = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks=1, microbatches=4, schedule="wavek", calibrate=False)
+    assert "no schedule fits the memory budget" in caplog.text
+    assert trainer.programs.meta["wavek_memory_fits"] is False
+    assert max(trainer.programs.meta["simulated"]["peak_in_flight"]) <= 2
 
 
 @pytest.mark.parametrize(
