@@ -754,9 +754,11 @@ def wavek_search(
                 memo[entry[1]] = [float(b) for b in measure(build_programs(dag, entry[4], "wavek"))]
             return memo[entry[1]]
 
-        # per-rank caps, fitted on the fastest candidates at two uniform caps
+        # per-rank caps, fitted on the fastest candidates at two uniform caps; not needed
+        # when the fastest candidate of all fits (memory to spare: the default budget)
         points = []
-        for c in sorted({P, max(1, P // 2)}, reverse=True):
+        fastest_fits = max(memory(pool[0])) <= budget * (1 + 1e-9)
+        for c in sorted({P, max(1, P // 2)}, reverse=True) if not fastest_fits else ():
             at_c = [e for e in pool if e[3] == c]
             if at_c:
                 points.append((in_flight(at_c[0][4]), memory(at_c[0])))

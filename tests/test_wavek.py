@@ -315,6 +315,13 @@ def test_stash_budget_bounds_memory_not_the_micro_batch_count():
     assert found["wavek_cap"] > P  # the budget was used for more micro-batches in flight
     tiny = make_programs(dag, "wavek", memory_budget_bytes=1.0).meta
     assert max(tiny["simulated"]["peak_in_flight"]) <= P
+    # memory to spare (the default budget on a large device): the fastest candidate of all
+    # is kept after one measurement, no per-rank caps are fitted
+    measured = []
+    ample = wavek_search(dag, memory_budget_bytes=1e15, memory_of=lambda programs: measured.append(1) or simulated_stash(dag)(programs))
+    assert len(measured) == 1 and ample.memory_fits
+    assert ample.makespan == min(ms for _, _, ms in ample.candidates)
+    assert not any(isinstance(cap, list) for _, cap, _ in ample.candidates) and ample.cap == 2 * P
 
 
 def test_per_rank_caps_are_respected_and_fitted_to_the_budget():
