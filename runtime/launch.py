@@ -83,6 +83,15 @@ def init_from_env(timeout_s: float, backend: str = "gloo") -> None:
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def _save_report(report: dict, path: Path) -> None:
+    """Write a worker's report whole or not at all: when one rank dies the others are
+    terminated, possibly while writing theirs, and a half-written file must not hide the
+    real failure from the parent."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(report, tmp)
+    os.replace(tmp, path)
+
+
 def _worker(
     rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple, out_dir: str, backend: str = "gloo"
 ) -> None:
@@ -93,9 +102,9 @@ def _worker(
             local_device("cuda", rank)
         init_process_group(rank, world_size, port, timeout_s, backend)
         result = fn(rank, world_size, *args)
-        torch.save({"ok": True, "result": result}, path)
+        _save_report({"ok": True, "result": result}, path)
     except BaseException as exc:  # report every failure to the parent, with its traceback
-        torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
+        _save_report({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
         raise
     finally:
         if dist.is_initialized():

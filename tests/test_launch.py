@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 from janus_compile.runtime.launch import WorkerError, launch_local
 
@@ -30,3 +31,21 @@ def test_crash_after_every_rank_reported_keeps_the_results(caplog):
 def test_crash_before_a_result_names_the_rank():
     with pytest.raises(WorkerError, match="rank 1: exited without a result"):
         launch_local(_rank1_dies_before_its_result, 2, timeout_s=30)
+
+
+class _FailsToPickle:
+    def __reduce__(self):
+        raise RuntimeError("terminated while writing")
+
+
+def test_a_report_interrupted_while_written_leaves_no_file(tmp_path):
+    """A rank killed while writing its report must leave no half-written file, which the
+    parent would fail to read instead of naming the rank that died."""
+    from janus_compile.runtime.launch import _save_report
+
+    path = tmp_path / "rank1.pt"
+    with pytest.raises(RuntimeError, match="terminated while writing"):
+        _save_report({"ok": False, "error": "x", "payload": [torch.zeros(1000), _FailsToPickle()]}, path)
+    assert not path.exists()
+    _save_report({"ok": True, "result": 3}, path)
+    assert torch.load(path, weights_only=False) == {"ok": True, "result": 3}
