@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("1f1b", "hanayo", "wavek", "gpipe")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 from .options import AUTO_CHUNKS, chunks_arg
-from .memory_budget import AUTO_MEMORY_FRACTION
-from .passes.symfold_ilp import OPTIMIZER_COPIES
+from .memory_budget import AUTO_MEMORY_FRACTION, optimizer_state_bytes, param_bytes
 
 EQUAL_MEMORY = "wavek@1f1b-mem"
 """WaveK limited to the peak memory 1F1B uses (a second WaveK row of the bench)."""
@@ -123,7 +122,8 @@ class BenchConfig:
 
     @property
     def runs(self) -> List[str]:
-        """What the bench times: the schedules, plus WaveK at 1F1B's memory when asked for."""
+        """What the bench times: the schedules, plus WaveK at 1F1B's memory and at P in
+        flight when asked for."""
         extra = [EQUAL_MEMORY] if self.equal_memory and {"wavek", "1f1b"} <= set(self.schedules) else []
         extra += [COUNT_CAP] if self.count_cap and "wavek" in self.schedules else []
         return list(self.schedules) + extra
@@ -340,8 +340,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             extra: Dict[str, Any] = {"dump_dir": os.path.join(cfg.dump_dir, f"{name}-M{M}")} if cfg.dump_dir else {}
             if name == EQUAL_MEMORY:
                 # the trainer's cap counts parameters, gradients and Adam moments on top of the replay
-                state = OPTIMIZER_COPIES * _param_bytes(model)
-                extra["memory_cap_gb"] = (max(replayed_peaks(trainers["1f1b"], batch)) + state) / 1e9
+                extra["memory_cap_gb"] = (max(replayed_peaks(trainers["1f1b"], batch)) + optimizer_state_bytes(model)) / 1e9
             elif name == COUNT_CAP:
                 extra["memory_cap_gb"] = None
             trainers[name] = PipelineTrainer(
@@ -490,7 +489,7 @@ class _SimModel:
     sizes: Dict[str, int]
     max_units: int
     calibrate_s: float
-    param_bytes: int  # one copy of the parameters (a gradient, an Adam moment)
+    state_bytes: int  # parameters, gradients and Adam moments: what every rank holds
 
 
 def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[Any]) -> _SimModel:
@@ -510,7 +509,7 @@ def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[A
     sizes = size_values_from_batch(mbs[0])
     node_times = cm.times(joint.gm.graph, sizes)
     units = build_units(joint.gm.graph, min_units=10**9)
-    return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0, _param_bytes(model))
+    return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0, optimizer_state_bytes(model))
 
 
 def _sim_schedules(
@@ -635,11 +634,11 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                 except Exception as exc:  # a partition the model cannot give: reported, not fatal
                     errors[f"{method} K={K}"] = f"{type(exc).__name__}: {exc}"
             part_s = time.perf_counter() - t0
+            # the trainer's default, memory_cap_gb='auto', on a device of sim_memory_gb
+            budget = AUTO_MEMORY_FRACTION * cfg.sim_memory_gb * 1e9 - sm.state_bytes
             for f in cfg.sim_factors:
                 M = f * P
                 dags = {k: PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency) for k, p in parts.items()}
-                # the trainer's default, memory_cap_gb='auto', on a device of sim_memory_gb
-                budget = AUTO_MEMORY_FRACTION * cfg.sim_memory_gb * 1e9 - OPTIMIZER_COPIES * sm.param_bytes
                 res = _sim_schedules(parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.equal_memory, cfg.count_cap, budget)
                 thr = {s: M * S / r["makespan_s"] for s, r in res.items()}
                 row = {
@@ -748,16 +747,11 @@ def replayed_peaks(trainer: Any, batch: Any) -> List[float]:
     return [m.peak_bytes for m in program_memory(trainer.graphs, trainer.programs, sizes)]
 
 
-def _param_bytes(model: Any) -> int:
-    """Bytes of one copy of the model's parameters (a gradient, an Adam moment)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def estimated_step_allocations(trainer: Any, batch: Any, peaks: Optional[Sequence[float]] = None) -> List[float]:
     """Bytes per rank one step allocates at its worst moment: the replayed peak (``peaks``
     if already replayed) plus GradSync's summed gradients and their flattened buckets
     (`runtime/gradsync.py`)."""
-    grads = 2 * _param_bytes(trainer.model)
+    grads = 2 * param_bytes(trainer.model)
     return [b + grads for b in (replayed_peaks(trainer, batch) if peaks is None else peaks)]
 
 
@@ -765,7 +759,7 @@ def estimated_training_growth(trainer: Any, batch: Any, peaks: Optional[Sequence
     """Bytes per rank that a training step adds on top of the loaded worker: the program's
     replayed peak (``peaks`` if already replayed) plus the summed gradients and the two
     Adam moments, which every rank holds for every parameter (parameters are replicated)."""
-    state = 3 * _param_bytes(trainer.model)
+    state = 3 * param_bytes(trainer.model)
     return [b + state for b in (replayed_peaks(trainer, batch) if peaks is None else peaks)]
 
 

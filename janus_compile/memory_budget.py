@@ -4,8 +4,11 @@ A count of P micro-batches in flight per rank is only a stand-in for memory, and
 one: it leaves a large GPU mostly empty, while the folded schedule needs 1.5-2 P in
 flight to keep its four phases from colliding (docs/runtime.md), and it does not stop a
 model whose P micro-batches do not fit. So by default WaveK searches in-flight caps up to
-2P against a share of the memory each rank really has: its own GPU, or on CPU the host's
-memory split between the processes the host runs.
+min(M, 2P) against a share of the memory each rank really has: its own GPU, or on CPU the
+host's memory split between the processes the host runs.
+
+Every budget, this one or a cap the user sets, is for the replayed peak of a rank's
+program plus the optimizer state every rank holds (`optimizer_state_bytes`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,19 @@ AUTO_MEMORY = "auto"
 # allocator's slack and fragmentation, the CUDA context, and what the replay does not
 # count (communication buffers, the interpreter).
 AUTO_MEMORY_FRACTION = 0.75
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of one copy of the model's parameters (a gradient, an Adam moment)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def optimizer_state_bytes(model: torch.nn.Module) -> int:
+    """What every rank holds besides its program's values: the parameters, their
+    gradients and the two Adam moments (parameters are replicated on every rank)."""
+    from .passes.symfold_ilp import OPTIMIZER_COPIES
+
+    return OPTIMIZER_COPIES * param_bytes(model)
 
 
 def host_memory_bytes() -> Optional[int]:

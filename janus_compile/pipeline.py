@@ -368,9 +368,8 @@ class PipelineTrainer:
         ``memory_cap_gb='auto'`` (the default) is a share of each rank's device memory
         (`memory_budget.auto_memory_budget_bytes`); a cap the user set that nothing fits is
         an error, the automatic one falls back to P in flight with a warning."""
-        from .memory_budget import AUTO_MEMORY, auto_memory_budget_bytes
+        from .memory_budget import AUTO_MEMORY, auto_memory_budget_bytes, optimizer_state_bytes
         from .passes.memory import MemoryReplay
-        from .passes.symfold_ilp import OPTIMIZER_COPIES
 
         opts = self.compiled.options
         limits: Dict[str, Any] = {}
@@ -378,7 +377,7 @@ class PipelineTrainer:
             limits["max_in_flight"] = opts.max_in_flight
         if opts.memory_cap_gb is None:
             return limits
-        state = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in self.model.parameters())
+        state = optimizer_state_bytes(self.model)
         auto = opts.memory_cap_gb == AUTO_MEMORY
         if auto:
             per_host = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.torchrun else self.world_size

@@ -757,11 +757,11 @@ def wavek_search(
         # per-rank caps, fitted on the fastest candidates at two uniform caps; not needed
         # when the fastest candidate of all fits (memory to spare: the default budget)
         points = []
-        fastest_fits = max(memory(pool[0])) <= budget * (1 + 1e-9)
-        for c in sorted({P, max(1, P // 2)}, reverse=True) if not fastest_fits else ():
-            at_c = [e for e in pool if e[3] == c]
-            if at_c:
-                points.append((in_flight(at_c[0][4]), memory(at_c[0])))
+        if max(memory(pool[0])) > budget * (1 + 1e-9):
+            for c in sorted({P, max(1, P // 2)}, reverse=True):
+                at_c = [e for e in pool if e[3] == c]
+                if at_c:
+                    points.append((in_flight(at_c[0][4]), memory(at_c[0])))
         scaled = _scaled_caps(P, top, budget, points)
         if scaled is not None and len(set(scaled)) > 1:
             for rule in rules:
