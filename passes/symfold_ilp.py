@@ -48,11 +48,14 @@ assignment (unless the time limit cuts the search short: that limit is wall time
 The better of the even split (`even_partition`) and a split at the cost quantiles, each
 polished by a boundary-move local search, is handed to CBC as a MIP start when it fits
 the memory cap, so a time-limited solve always has a feasible answer at least as good as
-the baseline.
+the baseline. When neither fits and the in-order splits are few (`ENUMERATION_LIMIT`),
+every one is evaluated: the best that fits becomes the MIP start, and none fitting is a
+proof of infeasibility that does not depend on CBC finishing within its time limit.
 """
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import os
@@ -244,16 +247,49 @@ def _validate(problem: PartitionProblem) -> None:
 
 def _memory_lower_bound(problem: PartitionProblem) -> float:
     """Smallest per-rank memory any partition can reach: the even share, the biggest unit,
-    or the K smallest units (each of a rank's K chunks holds at least one)."""
+    or the ⌈U/P⌉ smallest units (some rank holds at least that many units; it is at least
+    K, since each of a rank's K chunks holds one). The count matters when units weigh
+    alike: 9 equal units on 2 ranks need 5 on one, not 4.5."""
     mem = sorted(u.memory(problem.microbatches_in_flight) for u in problem.units)
-    return max(sum(mem) / problem.stages, mem[-1], sum(mem[: problem.chunks]))
+    most_units = -(-len(mem) // problem.stages)
+    return max(sum(mem) / problem.stages, mem[-1], sum(mem[: max(most_units, problem.chunks)]))
 
 
-def _memory_error(problem: PartitionProblem, lower: float, proven: bool) -> PartitionError:
+ENUMERATION_LIMIT = 20_000
+"""In-order splits (C(U-1, V-1)) worth evaluating one by one when no MIP start fits the
+memory cap: ~30 µs each, so under a second. Such a problem is either infeasible, which CBC
+may not prove within its time limit on a loaded machine (a pigeonhole over alike units),
+or tight, and enumeration answers both exactly."""
+
+
+def _best_chain_split(problem: PartitionProblem) -> Tuple[Optional[List[int]], int]:
+    """The in-order split with the lowest objective under the memory cap (None if none
+    fits), found by evaluating every one; and how many were evaluated."""
+    n, v = len(problem.units), problem.num_chunks
+    cap = problem.memory_cap_bytes
+    best: Optional[Tuple[float, List[int]]] = None
+    tried = 0
+    for inner in itertools.combinations(range(1, n), v - 1):
+        cuts = (0, *inner, n)
+        chunk_of_unit = [k for k in range(v) for _ in range(cuts[k], cuts[k + 1])]
+        tried += 1
+        objective, _, rank_memory, _ = _evaluate(problem, chunk_of_unit)
+        if cap is not None and max(rank_memory) > cap:
+            continue
+        if best is None or objective < best[0]:
+            best = (objective, chunk_of_unit)
+    return (best[1] if best else None), tried
+
+
+def _can_enumerate(problem: PartitionProblem) -> bool:
+    return problem.order == "chain" and math.comb(len(problem.units) - 1, problem.num_chunks - 1) <= ENUMERATION_LIMIT
+
+
+def _memory_error(problem: PartitionProblem, lower: float, proven: bool, proof: str = "CBC") -> PartitionError:
     """The message for a memory cap that no in-order partition meets, with the figures."""
     if proven:
         need = (
-            f"CBC proved that no in-order partition with non-empty chunks fits; the simple lower "
+            f"{proof} proved that no in-order partition with non-empty chunks fits; the simple lower "
             f"bound is {lower:.6g} B per rank"
         )
     else:
@@ -645,6 +681,14 @@ def solve_partition(
 
     baseline = even_partition(problem)
     start = _mip_start(problem, initial)
+    if start is None and problem.memory_cap_bytes is not None and _can_enumerate(problem):
+        start, tried = _best_chain_split(problem)
+        if start is None:
+            raise _memory_error(
+                problem, _memory_lower_bound(problem), proven=True,
+                proof=f"evaluating all {tried} in-order splits",
+            )
+        log.info("no polished split fits the memory cap; the best of all %d in-order splits is the MIP start", tried)
     warm = start is not None
     if start is not None:
         for (u, c), var in model.x.items():

@@ -292,3 +292,35 @@ def test_random_dags_never_worse_than_their_chain(problem):
     assert dag.status in SOLVED
     _check_consistent(problem, dag)
     assert dag.objective <= chain.objective * (1 + 1e-6)
+
+
+def test_alike_units_need_a_whole_unit_more_on_one_rank():
+    # 9 equal units on 2 ranks: one rank holds 5. The even share (4.5 units) is not a bound
+    # a partition can reach; a cap between 4.5 and 5 units is refused before any solve.
+    problem = _chain([1.0] * 9, stages=2, chunks=2)
+    one = problem.units[0].memory(problem.microbatches_in_flight)
+    assert _memory_lower_bound(problem) == pytest.approx(5 * one)
+    problem.memory_cap_bytes = 4.8 * one
+    with pytest.raises(PartitionError, match="at least") as err:
+        solve_partition(problem)
+    assert f"{5 * one:.6g}" in str(err.value)
+
+
+def test_tight_cap_without_a_fitting_start_is_settled_by_enumeration():
+    # memory 3,3,1,1 under a cap of 4: the simple bounds fit, but no in-order split does.
+    # The proof must not wait on CBC, so it holds with almost no time to solve.
+    units = [Unit(f"u{i}", {"F": 1.0}, param_bytes=m / 4) for i, m in enumerate([3, 3, 1, 1])]
+    problem = PartitionProblem(units, [UnitEdge(i, i + 1, 0.0) for i in range(3)], stages=2, chunks=1, time_limit_s=1e-3)
+    problem.memory_cap_bytes = 4.0
+    assert _memory_lower_bound(problem) <= problem.memory_cap_bytes
+    with pytest.raises(PartitionError, match="evaluating all 3 in-order splits proved"):
+        solve_partition(problem)
+    # memory 5,1,1,1,1,1 under a cap of 5: the even and the cost-quantile split (3 | 3)
+    # hold 7 on rank 0; the one split that fits (1 | 5) is found and kept
+    units = [Unit(f"u{i}", {"F": 1.0}, param_bytes=m / 4) for i, m in enumerate([5, 1, 1, 1, 1, 1])]
+    problem = PartitionProblem(units, [UnitEdge(i, i + 1, 0.0) for i in range(5)], stages=2, chunks=1)
+    problem.memory_cap_bytes = 5.0
+    assert max(even_partition(problem).rank_memory) > problem.memory_cap_bytes
+    sol = solve_partition(problem)
+    _check_consistent(problem, sol)
+    assert sol.chunk_of_unit == [0, 1, 1, 1, 1, 1]
