@@ -289,30 +289,29 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b
 
 
-def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 5) -> Dict[str, Dict[str, Any]]:
-    """Re-simulate every trainer's programs with one set of per-node times.
+def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -> Dict[str, Dict[str, Any]]:
+    """Re-simulate every trainer's programs with group times taken in one sitting.
 
-    Each trainer calibrates on its own (on a loaded machine the times of two calibrations
-    of the same graph differ by tens of percent), so its own prediction compares
-    schedules under different costs. Here the nodes are timed once (median of
-    ``repeats`` runs of the joint graph on the example micro-batch, one thread) and
-    every program set is simulated with those times; the programs are the ones that ran.
+    Each trainer times its own groups when it is built (`passes/group_timing.py`), at a
+    different moment (on a loaded machine two timings of the same graph differ by tens
+    of percent), so its own prediction compares schedules under different loads. Here
+    the split graphs of every trainer are timed together, runs interleaved (median of
+    ``repeats`` runs on the example micro-batch, one thread), and every program set is
+    simulated with those times; the programs are the ones that ran.
     """
     import dataclasses
 
-    from .passes.cost import measure_node_times
+    from .passes.group_timing import measure_group_times
     from .passes.wavek import PipelineDAG, simulate
 
-    measured: List[Dict[str, float]] = []
+    runs = []
+    for tr in trainers.values():
+        params, buffers = dict(tr.model.named_parameters()), dict(tr.model.named_buffers())
+        runs.append((tr.partition.plan, tr.joint.flat_inputs(params, buffers, mb)))
+    timed = measure_group_times(runs, repeats=repeats)
     out = {}
-    for sched, tr in trainers.items():
-        need = set(tr.partition.node_times)
-        times = next((t for t in measured if need <= set(t)), None)
-        if times is None:
-            params, buffers = dict(tr.model.named_parameters()), dict(tr.model.named_buffers())
-            times = measure_node_times(tr.joint, params, buffers, [mb], repeats=repeats)[0]
-            measured.append(times)
-        part = dataclasses.replace(tr.partition, node_times=dict(times))
+    for (sched, tr), group_times in zip(trainers.items(), timed):
+        part = dataclasses.replace(tr.partition, group_times=group_times)
         dag = PipelineDAG.from_partition(part, tr.microbatches)
         sim = simulate(tr.programs, dag)
         out[sched] = {"makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction, "efficiency": sim.efficiency, "compute_s": dag.total_work()}
@@ -354,7 +353,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
 
         shared = _shared_simulation(trainers, split_microbatches(batch, M)[0])
         if progress:
-            print(f"  [M={M}] shared-calibration simulated steps: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
+            print(f"  [M={M}] simulated steps, groups timed together: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
         names = cfg.runs
         times: Dict[str, List[float]] = {s: [] for s in names}
         runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in names}
@@ -414,7 +413,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "step_s": st,
                 "structures_per_s": n_struct / st["median"],
                 "atoms_per_s": n_atoms / st["median"],
-                # the simulator on the programs that ran, with one shared calibration (see
+                # the simulator on the programs that ran, with group times taken together (see
                 # `_shared_simulation`); the trainer's own prediction is kept as *_own
                 "simulated_step_s": shared[sched]["makespan_s"],
                 "sim_rel_error": (shared[sched]["makespan_s"] - st["median"]) / st["median"],
@@ -771,8 +770,8 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
             f"{e['atoms_per_step']} atoms, {e['edges_per_step']} edges per step)\n"
         )
         lines.append(
-            "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared cal. (own) | sim error "
-            "| sim error, traced costs | sim bubble | sim efficiency | compute ms calibrated / traced | recv tensors/rank "
+            "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared timing (own) | sim error "
+            "| sim error, traced costs | sim bubble | sim efficiency | compute ms timed / traced | recv tensors/rank "
             "| est. stash+params/rank MB | est. peak growth/rank MB | peak RSS/rank MB (training growth) | growth measured/est. "
             "| allocated peak/rank MB, measured (replayed) | allocated measured/replayed |"
         )

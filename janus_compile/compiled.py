@@ -102,7 +102,7 @@ class CompiledMLIP(nn.Module):
                 device = batch.positions.device.type
                 self._node_times[id(graph)] = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
             node_times = self._node_times[id(graph)]
-        return partition_graph(
+        partition = partition_graph(
             graph.gm,
             opts.stages,
             opts.chunks,
@@ -115,6 +115,19 @@ class CompiledMLIP(nn.Module):
             replicate=opts.replicate,
             order=opts.unit_order,
         )
+        if node_times is not None and not opts.inductor:
+            # the schedule's costs: each split graph timed as the workers run it (with
+            # inductor the workers run compiled graphs: the node times stand in for them)
+            from .passes.group_timing import measure_group_times
+
+            params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+            flat = graph.flat_inputs(params, buffers, batch)
+            partition.group_times = measure_group_times([(partition.plan, flat)], batch.positions.device, repeats=3)[0]
+            log.info(
+                "group times measured: %.4g s per micro-batch (the calibrated node times sum to %.4g s)",
+                sum(partition.group_times.values()), sum(partition.chunk_phase_time().values()),
+            )
+        return partition
 
     def partition(self, batch: AtomsBatch):
         """The partition (units → chunks, split graphs) used for this batch's sizes (made

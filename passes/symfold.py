@@ -63,6 +63,9 @@ class Partition:
     solution: Optional[PartitionSolution] = None
     chunk_of_unit: Optional[List[int]] = None
     replicas: Dict[str, List[int]] = field(default_factory=dict)  # original value -> chunks computing a copy
+    # measured seconds of each (chunk, group) graph on the example micro-batch
+    # (`passes/group_timing.py`); empty when not measured: the schedule then sums node times
+    group_times: Dict[Tuple[int, str], float] = field(default_factory=dict)
 
     @property
     def num_chunks(self) -> int:

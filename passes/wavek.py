@@ -140,17 +140,22 @@ class PipelineDAG:
         bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH,
         latency_s: float = DEFAULT_LATENCY,
     ) -> "PipelineDAG":
-        """The DAG of a real `Partition`: its groups, data-flow dependencies and calibrated times.
+        """The DAG of a real `Partition`: its groups, data-flow dependencies and times.
 
-        An edge carries the consumer group's inputs that the producer group outputs, sized
-        by ``partition.out_bytes``.
+        A group costs its measured time (``partition.group_times``) where every group was
+        timed, else the sum of its nodes' calibrated times. An edge carries the consumer
+        group's inputs that the producer group outputs, sized by ``partition.out_bytes``.
         """
         plan = partition.plan
         layout = "unfolded" if list(plan.layout.groups) == ["FWD", "BWD"] else "folded"
-        cost = {key: 0.0 for key in plan.groups}
-        for (c, p), t in partition.chunk_phase_time().items():
-            key = (c, plan.layout.group(p))
-            cost[key] = cost.get(key, 0.0) + t
+        measured = getattr(partition, "group_times", None) or {}
+        if measured and set(plan.groups) <= set(measured):
+            cost = {key: float(measured[key]) for key in plan.groups}
+        else:
+            cost = {key: 0.0 for key in plan.groups}
+            for (c, p), t in partition.chunk_phase_time().items():
+                key = (c, plan.layout.group(p))
+                cost[key] = cost.get(key, 0.0) + t
         deps = plan.group_dependencies()
         tensors: Dict[Edge, Tuple[str, ...]] = {}
         nbytes: Dict[str, float] = {}

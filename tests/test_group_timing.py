@@ -1,0 +1,86 @@
+"""Group timing: every split graph timed as the runtime runs it, and the schedule built on it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+
+import janus_compile
+from conftest import random_batch
+from janus_compile import EnergyForceLoss
+from janus_compile.models import build_model
+from janus_compile.passes.group_timing import measure_group_times
+from janus_compile.passes.symfold import partition_graph
+from janus_compile.passes.wavek import PipelineDAG
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("schnet", hidden=8, num_interactions=4, num_rbf=6, cutoff=3.5).double().train()
+
+
+def _joint_and_inputs(model, batch):
+    joint = janus_compile.compile(model, loss=EnergyForceLoss()).joint_graph(batch)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    return joint, joint.flat_inputs(params, buffers, batch)
+
+
+class _Slow(torch.nn.Module):
+    """A group graph that takes ``delay`` seconds longer: a stand-in for a costly group."""
+
+    def __init__(self, gm, delay: float) -> None:
+        super().__init__()
+        self.gm, self.delay = gm, delay
+
+    def forward(self, *args):
+        time.sleep(self.delay)
+        return self.gm(*args)
+
+
+def test_every_group_is_timed_and_a_slow_one_shows():
+    model = _model()
+    joint, flat = _joint_and_inputs(model, random_batch(5, 3))
+    even = partition_graph(joint.gm, 2, 2, "even")
+    unfolded = partition_graph(joint.gm, 2, 1, "unfolded")
+    slow_key = sorted(even.plan.groups)[0]
+    even.plan.groups[slow_key] = dataclasses.replace(even.plan.groups[slow_key], gm=_Slow(even.plan.groups[slow_key].gm, 0.05))
+    timed_even, timed_unfolded = measure_group_times([(even.plan, flat), (unfolded.plan, flat)], repeats=2)
+    assert set(timed_even) == set(even.plan.groups) and set(timed_unfolded) == set(unfolded.plan.groups)
+    assert all(t > 0 for t in [*timed_even.values(), *timed_unfolded.values()])
+    assert timed_even[slow_key] >= 0.05
+    assert max(t for k, t in timed_even.items() if k != slow_key) < 0.05
+    with pytest.raises(ValueError, match="repeats"):
+        measure_group_times([(even.plan, flat)], repeats=0)
+
+
+def test_the_dag_costs_the_measured_groups_where_every_group_was_timed():
+    model = _model()
+    joint, flat = _joint_and_inputs(model, random_batch(5, 3))
+    part = partition_graph(joint.gm, 2, 2, "even")
+    node_sums = PipelineDAG.from_partition(part, 4).cost
+    timed = {key: 1.0 + i for i, key in enumerate(sorted(part.plan.groups))}
+    assert PipelineDAG.from_partition(dataclasses.replace(part, group_times=timed), 4).cost == timed
+    # one group missing: the times do not describe this plan, so the node times are used
+    partial = dict(list(timed.items())[1:])
+    assert PipelineDAG.from_partition(dataclasses.replace(part, group_times=partial), 4).cost == node_sums
+
+
+def test_trainer_schedules_on_group_times_and_dumps_them(tmp_path):
+    from janus_compile.pipeline import PipelineTrainer
+
+    batch = random_batch(5, 4)
+    trainer = PipelineTrainer(_model(), batch, stages=2, chunks=1, microbatches=2, dump_dir=str(tmp_path))
+    part = trainer.partition
+    assert set(part.group_times) == set(part.plan.groups)
+    dag = PipelineDAG.from_partition(part, 2)
+    assert dag.cost == part.group_times
+    report = json.loads((tmp_path / "partition.json").read_text())
+    dumped = {(row["chunk"], row["group"]): row["seconds"] for row in report["group_times_s"]}
+    assert dumped == pytest.approx(part.group_times)
+    assert "measured ms" in (tmp_path / "partition.md").read_text()
+    # uncalibrated (the FLOP/byte proxy): nothing is timed, the node costs are the schedule's
+    plain = PipelineTrainer(_model(), batch, stages=2, chunks=1, microbatches=2, calibrate=False)
+    assert plain.partition.group_times == {}
