@@ -692,6 +692,30 @@ def _scaled_caps(
     return caps
 
 
+NEAR_TIE = 0.01
+BASELINE_RULES = ("phase_agnostic", "gpipe")  # the baselines' orders among the candidates
+"""Candidates within this fraction of the fastest one's makespan are a tie, which the one
+holding the fewest micro-batches in flight wins: the simulator is not that precise (its
+error against real runs is several per cent), so a faster-by-a-hair order is not worth
+the memory of more micro-batches in flight."""
+
+
+def _fewest_in_flight(pool: Sequence[Tuple[float, int, str, Cap, Orders]], best: Tuple[float, int, str, Cap, Orders], fits: Callable[[Any], bool]) -> Tuple[float, int, str, Cap, Orders]:
+    """Among the candidates within `NEAR_TIE` of ``best``'s makespan, the one with the
+    fewest micro-batches in flight (summed over ranks; then makespan, then position) for
+    which ``fits`` holds; ``best`` itself if none holds fewer. The window stops at the
+    baselines' own orders in the pool, so the pick is never slower than they are."""
+    limit = min([best[0] * (1 + NEAR_TIE)] + [e[0] for e in pool if e[2] in BASELINE_RULES and e[0] >= best[0]])
+    held = {e[1]: sum(in_flight(e[4]).values()) for e in pool if e[0] <= limit}
+    for entry in sorted((e for e in pool if e[1] in held), key=lambda e: (held[e[1]], e[0], e[1])):
+        if entry is best or held[entry[1]] >= held[best[1]]:
+            return best
+        if fits(entry):
+            log.debug("wavek: %s cap=%s within %.0f %% of the fastest with %d in flight instead of %d", entry[2], cap_label(entry[3]), 100 * NEAR_TIE, held[entry[1]], held[best[1]])
+            return entry
+    return best
+
+
 def wavek_search(
     dag: PipelineDAG,
     max_in_flight: Optional[int] = None,
@@ -703,7 +727,8 @@ def wavek_search(
 ) -> SearchResult:
     """WaveK's search: each priority rule × in-flight cap is list-scheduled on the real
     costs and timed by the simulator's model; the shortest makespan that respects the
-    limit is kept (the first candidate wins ties: deterministic).
+    limit is kept; candidates within `NEAR_TIE` (1 %) of it count as a tie, won by the one
+    holding the fewest micro-batches in flight (then the first: deterministic).
 
     The limit is memory. By default it is a count: at most ``max_in_flight`` (default P)
     micro-batches in flight per rank. With ``memory_budget_bytes`` it is what a count
@@ -749,7 +774,7 @@ def wavek_search(
         raise ScheduleError("wavek: no candidate schedule within the in-flight limit")
     pool.sort(key=lambda c: (c[0], c[1]))
     if budget is None:
-        ms, _, rule, cap, orders = pool[0]
+        ms, _, rule, cap, orders = _fewest_in_flight(pool, pool[0], lambda e: True)
         best = SearchResult(orders, rule, cap, ms, tried)
     else:
         memo: Dict[int, List[float]] = {}
@@ -775,13 +800,17 @@ def wavek_search(
             tried = [(rule, cap_label(cap), ms) for ms, _, rule, cap, _ in sorted(pool, key=lambda c: c[1])]
         best = None
         smallest: Optional[Tuple[float, Tuple[float, int, str, Cap, Orders]]] = None
+        def fits(entry: Tuple[float, int, str, Cap, Orders]) -> bool:
+            return max(memory(entry)) <= budget * (1 + 1e-9)
+
         for entry in pool:
             mem = memory(entry)
             if smallest is None or max(mem) < smallest[0]:
                 smallest = (max(mem), entry)
-            if max(mem) <= budget * (1 + 1e-9):
+            if fits(entry):
+                entry = _fewest_in_flight(pool, entry, fits)
                 ms, _, rule, cap, orders = entry
-                best = SearchResult(orders, rule, cap, ms, tried, mem, True)
+                best = SearchResult(orders, rule, cap, ms, tried, memory(entry), True)
                 break
             log.debug("wavek candidate %s cap=%s: %.4g bytes, over the budget %.4g", entry[2], cap_label(entry[3]), max(mem), budget)
         if best is None:

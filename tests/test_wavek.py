@@ -382,3 +382,38 @@ def test_send_releases_wait_only_for_sends_the_peer_has_received(schedule):
                 assert recvs[(rank, sent.dst, m)] < answered_at, "the peer answered before it had received"
                 released += 1
     assert released > 0
+
+
+def _orders_holding(in_flight_count: int):
+    """One rank, two micro-batches, F then FB each: both in flight at once, or one."""
+    if in_flight_count == 2:
+        seq = [Task(0, "F", 0), Task(0, "F", 1), Task(0, "FB", 0), Task(0, "FB", 1)]
+    else:
+        seq = [Task(0, "F", 0), Task(0, "FB", 0), Task(0, "F", 1), Task(0, "FB", 1)]
+    return {0: seq}
+
+
+def test_near_ties_go_to_the_fewest_in_flight():
+    from janus_compile.passes.wavek import NEAR_TIE, _fewest_in_flight
+
+    best = (1.0, 0, "critical_path", 2, _orders_holding(2))
+    close = (1.0 + NEAR_TIE / 2, 1, "critical_path", 1, _orders_holding(1))
+    far = (1.0 + 2 * NEAR_TIE, 1, "critical_path", 1, _orders_holding(1))
+    assert in_flight(best[4]) == {0: 2} and in_flight(close[4]) == {0: 1}
+    assert _fewest_in_flight([best, close], best, lambda e: True) is close
+    assert _fewest_in_flight([best, far], best, lambda e: True) is best  # a real difference
+    assert _fewest_in_flight([best, close], best, lambda e: e is not close) is best  # over the budget
+    # a baseline's own order inside the window closes it: never slower than the baselines
+    baseline = (1.0 + NEAR_TIE / 4, 2, "phase_agnostic", 2, _orders_holding(2))
+    assert _fewest_in_flight([best, baseline, close], best, lambda e: True) is best
+
+
+def test_search_keeps_within_the_tie_of_the_fastest_and_never_behind_the_baselines():
+    for stages, chunks, m in ((4, 1, 16), (4, 2, 8), (8, 1, 32)):
+        dag = PipelineDAG.synthetic(stages, chunks, m, latency_s=0.05, boundary_bytes=1e6, bandwidth_bytes_per_s=1e8)
+        res = wavek_search(dag, memory_budget_bytes=float("inf"))
+        fastest = min(ms for _, _, ms in res.candidates)
+        assert res.makespan <= fastest * (1 + 0.01) + 1e-12
+        for rule, _, ms in res.candidates:
+            if rule in ("phase_agnostic", "gpipe"):
+                assert res.makespan <= ms + 1e-12
