@@ -257,9 +257,9 @@ def _simulate_with_times(trainer: Any, times: Mapping[Tuple[int, str], float]) -
     runtime (transfers, receive waits, per-message overhead)."""
     import dataclasses
 
-    from .passes.wavek import PipelineDAG, simulate
+    from .passes.wavek import simulate
 
-    dag = PipelineDAG.from_partition(trainer.partition, trainer.microbatches)
+    dag = trainer.pipeline_dag()
     cost = {g: float(times.get(g, 0.0)) for g in dag.cost}
     return simulate(trainer.programs, dataclasses.replace(dag, cost=cost)).makespan
 
@@ -302,7 +302,7 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
     import dataclasses
 
     from .passes.group_timing import measure_group_times
-    from .passes.wavek import PipelineDAG, simulate
+    from .passes.wavek import simulate
 
     runs = []
     for tr in trainers.values():
@@ -312,7 +312,7 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
     out = {}
     for (sched, tr), group_times in zip(trainers.items(), timed):
         part = dataclasses.replace(tr.partition, group_times=group_times)
-        dag = PipelineDAG.from_partition(part, tr.microbatches)
+        dag = tr.pipeline_dag(part)
         sim = simulate(tr.programs, dag)
         out[sched] = {"makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction, "efficiency": sim.efficiency, "compute_s": dag.total_work()}
     return out

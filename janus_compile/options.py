@@ -21,6 +21,16 @@ class OptionsError(JanusError, ValueError):
 
 AUTO_CHUNKS = "auto"  # PipelineTrainer(chunks='auto'): simulate K = 1 and K = 2, keep the faster
 
+AUTO_LINK = "auto"
+LINK_GB_S_AUTO = {"cpu": 1.0, "cuda": 25.0}
+"""GB/s between two ranks that ``link_gb_s="auto"`` assumes. On CPU, gloo over TCP
+moved 2.4–3.5 GB/s one way between two otherwise idle processes here (1–50 MB tensors),
+and each copy takes CPU from the ranks' compute. Charged at 25 GB/s, a K = 2 SchNet
+partition (1008 atoms, P = 2) received 7× K = 1's bytes (195–223 against 29–56 MB per
+rank and step); the simulator put K = 2 5–11 % ahead at M = 2, 4, 8, and it ran 3 %
+ahead, 4 % and 11 % behind. At 1 GB/s the simulator put K = 2 7–18 % behind, and it ran
+2 % behind, level and 10 % behind. On GPUs, NVLink class."""
+
 
 def chunks_arg(text: str) -> Any:
     """Command-line K: a positive number or 'auto'."""
@@ -60,6 +70,9 @@ class JanusOptions:
     # share of the rank's device memory (memory_budget.py); None keeps the count of P in flight
     memory_cap_gb: Union[float, str, None] = AUTO_MEMORY
     max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; min(M, 2P) with a memory cap)
+    # GB/s between two pipeline ranks, for the ILP's transfer term and the schedule's
+    # simulator; "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
+    link_gb_s: Union[float, str] = AUTO_LINK
     calibrate: bool = True
     device: str = "cpu"  # pipeline workers: "cpu" (gloo) or "cuda" (one GPU per process, NCCL)
     inductor: bool = False  # run the joint graph (one process) or each stage graph (workers) through TorchInductor
@@ -101,6 +114,12 @@ class JanusOptions:
                 f"option 'memory_cap_gb' must be a positive number (GB per rank), {AUTO_MEMORY!r} (a share of each rank's "
                 f"device memory) or None (at most P micro-batches in flight), got {cap!r}"
             )
+        link = self.link_gb_s
+        if link != AUTO_LINK and (isinstance(link, bool) or not isinstance(link, (int, float)) or not link > 0):
+            raise OptionsError(
+                f"option 'link_gb_s' must be a positive number (GB/s between two ranks) or {AUTO_LINK!r} "
+                f"({', '.join(f'{v:g} on {k}' for k, v in LINK_GB_S_AUTO.items())}), got {link!r}"
+            )
         if not isinstance(self.device, str) or self.device not in ("cpu", "cuda"):
             raise OptionsError(
                 f"option 'device' must be 'cpu' or 'cuda' (each pipeline worker then takes its own GPU), got {self.device!r}"
@@ -127,6 +146,13 @@ class JanusOptions:
         """A cap the user set, in bytes (None for 'auto' and None): what bounds the ILP."""
         cap = self.memory_cap_gb
         return None if cap is None or cap == AUTO_MEMORY else float(cap) * 1e9
+
+    @property
+    def link_bytes_per_s(self) -> float:
+        """The link bandwidth in bytes/s ('auto' resolved by the device)."""
+        if self.link_gb_s == AUTO_LINK:
+            return LINK_GB_S_AUTO.get(self.device, LINK_GB_S_AUTO["cuda"]) * 1e9
+        return float(self.link_gb_s) * 1e9
 
     @property
     def world_size(self) -> int:

@@ -296,10 +296,18 @@ class PipelineTrainer:
         the programs, so every rank under torchrun has it."""
         return {int(k): t for k, t in self.programs.meta.get("chunks_tried", {}).items()}
 
+    def pipeline_dag(self, partition: Any = None) -> Any:
+        """The (chunk, group) DAG of ``partition`` (default: the one in use) that the
+        schedule was built on: measured group times, links at the ``link_gb_s`` option."""
+        from .passes.wavek import PipelineDAG
+
+        part = partition if partition is not None else self.partition
+        return PipelineDAG.from_partition(part, self.microbatches, bandwidth_bytes_per_s=self.compiled.options.link_bytes_per_s)
+
     def _plan(self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any]) -> Dict[str, Any]:
         """Compile, partition and schedule (sets .compiled, .joint, .partition, .dag); what
         every rank needs to run, as one picklable dict."""
-        from .passes.wavek import PipelineDAG, make_programs
+        from .passes.wavek import make_programs
 
         microbatches, schedule = self.microbatches, self.schedule
         example_mb = local_microbatches(example_batch, microbatches, 0, self.data_parallel, 0, 1)[0]
@@ -314,7 +322,7 @@ class PipelineTrainer:
 
         def plan_with(k: int) -> Tuple[float, int, Any, Any, StageGraphs, ProgramSet]:
             part = self.compiled.repartition(example_mb, k) if auto else self.compiled.partition(example_mb)
-            dag = PipelineDAG.from_partition(part, microbatches)
+            dag = self.pipeline_dag(part)
             graphs = StageGraphs.from_plan(part.plan)
             limits = self._wavek_limits(graphs, example_batch) if schedule == "wavek" else {}
             programs = make_programs(dag, schedule, **limits)  # validated: deadlock-free
