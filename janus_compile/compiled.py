@@ -114,7 +114,6 @@ class CompiledMLIP(nn.Module):
             microbatches_in_flight=opts.microbatches_in_flight,
             replicate=opts.replicate,
             order=opts.unit_order,
-            bandwidth_bytes_per_s=opts.link_bytes_per_s,
         )
         if node_times is not None and not opts.inductor:
             # the schedule's costs: each split graph timed as the workers run it (with

@@ -22,14 +22,15 @@ class OptionsError(JanusError, ValueError):
 AUTO_CHUNKS = "auto"  # PipelineTrainer(chunks='auto'): simulate K = 1 and K = 2, keep the faster
 
 AUTO_LINK = "auto"
-LINK_GB_S_AUTO = {"cpu": 1.0, "cuda": 25.0}
-"""GB/s between two ranks that ``link_gb_s="auto"`` assumes. On CPU, gloo over TCP
-moved 2.4–3.5 GB/s one way between two otherwise idle processes here (1–50 MB tensors),
-and each copy takes CPU from the ranks' compute. Charged at 25 GB/s, a K = 2 SchNet
-partition (1008 atoms, P = 2) received 7× K = 1's bytes (195–223 against 29–56 MB per
-rank and step); the simulator put K = 2 5–11 % ahead at M = 2, 4, 8, and it ran 3 %
-ahead, 4 % and 11 % behind. At 1 GB/s the simulator put K = 2 7–18 % behind, and it ran
-2 % behind, level and 10 % behind. On GPUs, NVLink class."""
+LINK_GB_S_AUTO = {"cpu": 25.0, "cuda": 25.0}
+"""GB/s between two ranks that ``link_gb_s="auto"`` assumes: NVLink class. On CPU,
+gloo over TCP moved 2.4–3.5 GB/s one way between two otherwise idle processes here
+(1–50 MB tensors), and each copy also takes CPU from the ranks' compute; yet 1 GB/s as
+the CPU default made things worse overall. It ranked K = 1 and K = 2 of SchNet (1008
+atoms, P = 2) better (K = 2 at 0.93 / 1.00 / 0.99 of K = 1's simulated step for
+M = 2 / 4 / 8 instead of 0.89 / 0.90 / 0.95; it ran at 0.97–0.99 / 1.04 / 1.10), but
+orders list-scheduled around 1 GB/s transfers ran slower (Hanayo's by about a quarter):
+what a CPU copy costs is compute time, not a slower link."""
 
 
 def chunks_arg(text: str) -> Any:
@@ -70,8 +71,8 @@ class JanusOptions:
     # share of the rank's device memory (memory_budget.py); None keeps the count of P in flight
     memory_cap_gb: Union[float, str, None] = AUTO_MEMORY
     max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; min(M, 2P) with a memory cap)
-    # GB/s between two pipeline ranks, for the ILP's transfer term and the schedule's
-    # simulator; "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
+    # GB/s between two pipeline ranks in the schedule's simulator (not the ILP's transfer
+    # weight); "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
     link_gb_s: Union[float, str] = AUTO_LINK
     calibrate: bool = True
     device: str = "cpu"  # pipeline workers: "cpu" (gloo) or "cuda" (one GPU per process, NCCL)

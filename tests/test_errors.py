@@ -142,7 +142,7 @@ def test_scripted_submodule_is_refused_with_the_fix():
         ({"memory_cap_gb": "lots"}, "positive number .* 'auto' .* or None"),
         ({"memory_cap_gb": -1.0}, "memory_cap_gb"),
         ({"memory_cap_gb": True}, "memory_cap_gb"),
-        ({"link_gb_s": 0}, "link_gb_s.*positive number .* 'auto' .*1 on cpu, 25 on cuda"),
+        ({"link_gb_s": 0}, "link_gb_s.*positive number .* 'auto' .*25 on cpu, 25 on cuda"),
         ({"link_gb_s": "fast"}, "link_gb_s"),
         ({"link_gb_s": False}, "link_gb_s"),
     ],
