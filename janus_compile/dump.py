@@ -182,7 +182,7 @@ def partition_report(partition) -> dict:
         "chunks": partition.table(),
         # each split graph timed on the example micro-batch: the schedule's costs
         "group_times_s": [
-            {"chunk": c, "group": g, "seconds": t} for (c, g), t in sorted(getattr(partition, "group_times", {}).items())
+            {"chunk": c, "group": g, "seconds": t} for (c, g), t in sorted(partition.group_times.items())
         ],
     }
 

@@ -4,28 +4,20 @@ The partitioner needs a time per node, and calibration (`passes/cost.py`) gives 
 each node timed alone under an interpreter, then fitted per op class. Summed over a
 group those times are right in total but not per group: on SchNet (1008 atoms, P = 2)
 the fit put the F and G groups at 1.5–2× and the GG and FB groups at 0.6–0.9× of what
-running the group's graph takes, and it cannot see what depends on how the graph is cut
-(a group's own allocations and outputs: K = 2 groups took 7 % longer in all than K = 1
-groups of the same graph, where the calibration has the two equal). WaveK balances the
-phases against each other and ``chunks="auto"`` compares K, so the schedule is built on
-each group's own time: the group's ``GraphModule`` called on the example micro-batch,
-in dependency order, as `runtime.executor.RankExecutor` calls it.
+running the group's graph takes. WaveK balances the phases against each other, so the
+schedule is built on each group's own time: the group's ``GraphModule`` called on the
+example micro-batch, in dependency order, as `runtime.executor.RankExecutor` calls it.
 """
 from __future__ import annotations
 
 import gc
-import logging
 import statistics
 import time
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from .split import SplitPlan
-
-log = logging.getLogger(__name__)
-
-GroupKey = Tuple[int, str]
+from .split import GroupKey, SplitPlan
 
 
 def measure_group_times(

@@ -148,8 +148,8 @@ class PipelineDAG:
         """
         plan = partition.plan
         layout = "unfolded" if list(plan.layout.groups) == ["FWD", "BWD"] else "folded"
-        measured = getattr(partition, "group_times", None) or {}
-        if measured and set(plan.groups) <= set(measured):
+        measured = partition.group_times
+        if set(plan.groups) <= set(measured):
             cost = {key: float(measured[key]) for key in plan.groups}
         else:
             cost = {key: 0.0 for key in plan.groups}
@@ -693,11 +693,11 @@ def _scaled_caps(
 
 
 NEAR_TIE = 0.01
-BASELINE_RULES = ("phase_agnostic", "gpipe")  # the baselines' orders among the candidates
 """Candidates within this fraction of the fastest one's makespan are a tie, which the one
 holding the fewest micro-batches in flight wins: the simulator is not that precise (its
 error against real runs is several per cent), so a faster-by-a-hair order is not worth
 the memory of more micro-batches in flight."""
+BASELINE_RULES = ("phase_agnostic", "gpipe")  # the baselines' orders among the candidates
 
 
 def _fewest_in_flight(pool: Sequence[Tuple[float, int, str, Cap, Orders]], best: Tuple[float, int, str, Cap, Orders], fits: Callable[[Any], bool]) -> Tuple[float, int, str, Cap, Orders]:
