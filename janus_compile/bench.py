@@ -314,7 +314,10 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
         part = dataclasses.replace(tr.partition, group_times=group_times)
         dag = tr.pipeline_dag(part)
         sim = simulate(tr.programs, dag)
-        out[sched] = {"makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction, "efficiency": sim.efficiency, "compute_s": dag.total_work()}
+        out[sched] = {
+            "makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction, "efficiency": sim.efficiency,
+            "compute_s": dag.total_work(), "copy_s": sum(t1 - t0 for _, t0, t1, _ in sim.copies),
+        }
     return out
 
 
@@ -428,6 +431,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "sim_efficiency_own": sim["efficiency"],
                 "sim_peak_in_flight": sim.get("peak_in_flight"),
                 "sim_compute_s": sim_busy,  # total compute of one step, all ranks (calibrated)
+                "sim_copy_s": shared[sched]["copy_s"],  # CPU time messages cost, all ranks (copy_cost)
                 "measured_compute_s": statistics.median(busy_sum) if busy_sum else None,  # same, from the last-step traces
                 "measured_max_rank_compute_s": statistics.median(busy) if busy else None,
                 "partition_imbalance": tr.partition.imbalance(),
@@ -457,6 +461,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "structures_per_step": batch.num_structures,
                 "atoms_per_step": batch.num_atoms,
                 "edges_per_step": batch.num_edges,
+                "copy_cost": next(iter(trainers.values())).compiled.options.resolved_copy_cost().describe(),
                 "schedules": per,
                 "ratios": {
                     "wavek/1f1b": _ratio(thr.get("wavek"), thr.get("1f1b")),
@@ -767,15 +772,16 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
     for e in entries:
         lines.append(
             f"**P={e['stages']}, M={e['microbatches']}** ({e['structures_per_step']} structures, "
-            f"{e['atoms_per_step']} atoms, {e['edges_per_step']} edges per step)\n"
+            f"{e['atoms_per_step']} atoms, {e['edges_per_step']} edges per step; messages cost each rank "
+            f"{e.get('copy_cost', 'nothing')} in the simulator)\n"
         )
         lines.append(
             "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared timing (own) | sim error "
-            "| sim error, traced costs | sim bubble | sim efficiency | compute ms timed / traced | recv tensors/rank "
+            "| sim error, traced costs | sim bubble | sim efficiency | compute ms timed / traced | sim copy ms | recv tensors/rank "
             "| est. stash+params/rank MB | est. peak growth/rank MB | peak RSS/rank MB (training growth) | growth measured/est. "
             "| allocated peak/rank MB, measured (replayed) | allocated measured/replayed |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---" * 22 + "|")
         for s, r in e["schedules"].items():
             st = r["step_s"]
             rss = r["measured_peak_rss_mb"]
@@ -789,7 +795,7 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"| {_pct(r['sim_rel_error'])} | {_pct(r.get('sim_rel_error_traced_costs'))} "
                 f"| {100 * r['sim_bubble_fraction']:.1f}% | {r['sim_efficiency']:.2f} "
                 f"| {1e3 * r['sim_compute_s']:.0f} / {_fmt(None if r['measured_compute_s'] is None else 1e3 * r['measured_compute_s'], '.0f')} "
-                f"| {max(r['recv_tensors_per_rank'])} "
+                f"| {_fmt(None if r.get('sim_copy_s') is None else 1e3 * r['sim_copy_s'], '.0f')} | {max(r['recv_tensors_per_rank'])} "
                 f"| {max(r['est_memory_per_rank_mb']):.2f} | {_fmt(max(est) if est else None, '.0f')} | {rss_txt} | {ratio} "
                 f"| {_allocated_text(r)} |"
             )

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple, Union
 
 from .errors import JanusError
 from .memory_budget import AUTO_MEMORY
+
+if TYPE_CHECKING:
+    from .runtime.copy_probe import CopyCost
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("wavek", "1f1b", "hanayo", "gpipe")
 PARTITIONS = ("symfold", "even", "unfolded")
@@ -30,7 +36,10 @@ the CPU default made things worse overall. It ranked K = 1 and K = 2 of SchNet (
 atoms, P = 2) better (K = 2 at 0.93 / 1.00 / 0.99 of K = 1's simulated step for
 M = 2 / 4 / 8 instead of 0.89 / 0.90 / 0.95; it ran at 0.97–0.99 / 1.04 / 1.10), but
 orders list-scheduled around 1 GB/s transfers ran slower (Hanayo's by about a quarter):
-what a CPU copy costs is compute time, not a slower link."""
+what a CPU copy costs is compute time, not a slower link (the ``copy_cost`` option)."""
+
+AUTO_COPY = "auto"
+CopyCostOption = Union[str, None, Tuple[float, float, float]]
 
 
 def chunks_arg(text: str) -> Any:
@@ -74,6 +83,11 @@ class JanusOptions:
     # GB/s between two pipeline ranks in the schedule's simulator (not the ILP's transfer
     # weight); "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
     link_gb_s: Union[float, str] = AUTO_LINK
+    # CPU time each message costs the rank that sends it and the one that receives it, in
+    # that simulator: "auto" measures it on CPU ranks (runtime/copy_probe.py, once per
+    # process; nothing on GPUs or with calibrate=False), None charges nothing, or
+    # (µs per message, µs per tensor, GB/s) sets it
+    copy_cost: CopyCostOption = AUTO_COPY
     calibrate: bool = True
     device: str = "cpu"  # pipeline workers: "cpu" (gloo) or "cuda" (one GPU per process, NCCL)
     inductor: bool = False  # run the joint graph (one process) or each stage graph (workers) through TorchInductor
@@ -121,6 +135,12 @@ class JanusOptions:
                 f"option 'link_gb_s' must be a positive number (GB/s between two ranks) or {AUTO_LINK!r} "
                 f"({', '.join(f'{v:g} on {k}' for k, v in LINK_GB_S_AUTO.items())}), got {link!r}"
             )
+        copy = self.copy_cost
+        if copy is not None and copy != AUTO_COPY and not _is_copy_triple(copy):
+            raise OptionsError(
+                f"option 'copy_cost' must be {AUTO_COPY!r} (measured on CPU ranks), None (not charged) or a triple "
+                f"(µs per message >= 0, µs per tensor >= 0, GB/s > 0) such as (200, 20, 3), got {copy!r}"
+            )
         if not isinstance(self.device, str) or self.device not in ("cpu", "cuda"):
             raise OptionsError(
                 f"option 'device' must be 'cpu' or 'cuda' (each pipeline worker then takes its own GPU), got {self.device!r}"
@@ -155,7 +175,35 @@ class JanusOptions:
             return LINK_GB_S_AUTO.get(self.device, LINK_GB_S_AUTO["cuda"]) * 1e9
         return float(self.link_gb_s) * 1e9
 
+    def resolved_copy_cost(self) -> "CopyCost":
+        """The copy cost the simulator charges ('auto': the probe's, on CPU ranks that
+        calibrate; it runs two processes for a few seconds the first time)."""
+        from .runtime.copy_probe import CopyCost, measure_copy_cost
+
+        copy = self.copy_cost
+        if copy is None:
+            return CopyCost()
+        if copy == AUTO_COPY:
+            if self.device != "cpu" or not self.calibrate or not self.pipelined:
+                return CopyCost()
+            try:
+                return measure_copy_cost()
+            except Exception as exc:  # a calibration aid: the schedule is still valid without it
+                log.warning("the copy-cost probe failed (%s); messages are not charged in the simulator", exc)
+                return CopyCost()
+        per_message_us, per_tensor_us, gb_s = copy
+        return CopyCost(float(per_message_us) / 1e6, float(per_tensor_us) / 1e6, 1 / (float(gb_s) * 1e9))
+
     @property
     def world_size(self) -> int:
         """Processes of one training run: pp × dp × gp."""
         return self.stages * self.data_parallel * self.graph_parallel
+
+
+def _is_copy_triple(value: Any) -> bool:
+    """(µs per message, µs per tensor, GB/s): real numbers, the first two >= 0, the last > 0."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        return False
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        return False
+    return value[0] >= 0 and value[1] >= 0 and value[2] > 0

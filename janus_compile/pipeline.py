@@ -43,11 +43,12 @@ log = logging.getLogger(__name__)
 PARTITION_OF_SCHEDULE = {"1f1b": "unfolded"}
 AUTO_CHUNK_CANDIDATES = (1, 2)  # what chunks='auto' tries
 AUTO_CHUNKS_MARGIN = 0.03
-"""How much shorter a larger K's simulated step must be to be kept. On SchNet (1008
-atoms, P = 2) the simulator put K = 2 at 0.89 / 0.90 / 0.95 of K = 1's step for
-M = 2 / 4 / 8 (25 GB/s links), and K = 2 ran at 0.97–0.99 / 1.04 / 1.10 of it: K = 2 sends
-7x the bytes, and what a message costs the ranks' CPUs is not simulated. The margin is
-the part of that bias the data supports everywhere; it does not cover M = 8."""
+"""How much shorter a larger K's simulated step must be to be kept. Before the simulator
+charged what a message costs the ranks' CPUs, it put K = 2 of SchNet (1008 atoms, P = 2)
+at 0.89 / 0.90 / 0.95 of K = 1's step for M = 2 / 4 / 8, and K = 2 ran at
+0.97–0.99 / 1.04 / 1.10 of it (K = 2 sends 7x the bytes and twice the messages). With
+the copy cost (`copy_cost`) it puts K = 2 at 0.94 / 0.98 / 1.06; the margin keeps K = 1
+where the two are closer than the simulator's remaining error."""
 
 
 @dataclass
@@ -218,7 +219,8 @@ class PipelineTrainer:
     "hanayo" (wave, 2 chunks per rank), "gpipe". ``chunks``: K chunks per stage, or
     "auto" (wavek, gpipe) to partition and schedule with K = 1 and K = 2 and keep the
     faster in the simulator, K = 2 only by more than `AUTO_CHUNKS_MARGIN` (same
-    calibration; ``chunks_tried`` has both figures).
+    calibration, both partitions' groups timed together; ``chunks_tried`` has both
+    figures).
 
     Started normally, the trainer spawns ``world_size`` local processes for every
     `train` / `gradients` call. Started by ``torchrun`` (one process per rank, on one or
@@ -305,11 +307,17 @@ class PipelineTrainer:
 
     def pipeline_dag(self, partition: Any = None) -> Any:
         """The (chunk, group) DAG of ``partition`` (default: the one in use) that the
-        schedule was built on: measured group times, links at the ``link_gb_s`` option."""
+        schedule was built on: measured group times, links at the ``link_gb_s`` option,
+        messages' CPU cost from ``copy_cost``."""
         from .passes.wavek import PipelineDAG
 
         part = partition if partition is not None else self.partition
-        return PipelineDAG.from_partition(part, self.microbatches, bandwidth_bytes_per_s=self.compiled.options.link_bytes_per_s)
+        options = self.compiled.options
+        copy = options.resolved_copy_cost()
+        return PipelineDAG.from_partition(
+            part, self.microbatches, bandwidth_bytes_per_s=options.link_bytes_per_s,
+            copy_s_per_message=copy.per_message_s, copy_s_per_tensor=copy.per_tensor_s, copy_s_per_byte=copy.per_byte_s,
+        )
 
     def _plan(self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any]) -> Dict[str, Any]:
         """Compile, partition and schedule (sets .compiled, .joint, .partition, .dag); what
@@ -327,8 +335,7 @@ class PipelineTrainer:
         self.joint = self.compiled.joint_graph(example_mb)
         best, failures = None, []
 
-        def plan_with(k: int) -> Tuple[float, int, Any, Any, StageGraphs, ProgramSet]:
-            part = self.compiled.repartition(example_mb, k) if auto else self.compiled.partition(example_mb)
+        def plan_with(k: int, part: Any) -> Tuple[float, int, Any, Any, StageGraphs, ProgramSet]:
             dag = self.pipeline_dag(part)
             graphs = StageGraphs.from_plan(part.plan)
             limits = self._wavek_limits(graphs, example_batch) if schedule == "wavek" else {}
@@ -336,19 +343,27 @@ class PipelineTrainer:
             return programs.meta["simulated"]["makespan_s"], k, part, dag, graphs, programs
 
         if not auto:
-            best = plan_with(self.chunks)
-        tried: Dict[str, float] = {}
+            best = plan_with(self.chunks, self.compiled.partition(example_mb))
+        parts: Dict[int, Any] = {}
         for k in AUTO_CHUNK_CANDIDATES if auto else ():
             try:
-                cand = plan_with(k)
+                parts[k] = self.compiled.repartition(example_mb, k)
             except (PartitionError, ScheduleError) as exc:  # too few units for K·P chunks, or over the memory cap
+                log.info("chunks='auto': K=%d skipped: %s", k, exc)
+                failures.append(exc)
+        self._time_groups_together(parts, example_mb)
+        tried: Dict[str, float] = {}
+        for k, part in parts.items():
+            try:
+                cand = plan_with(k, part)
+            except (PartitionError, ScheduleError) as exc:  # no schedule within the memory cap
                 log.info("chunks='auto': K=%d skipped: %s", k, exc)
                 failures.append(exc)
                 continue
             tried[str(k)] = cand[0]
             log.info("chunks='auto': K=%d simulated step %.4g s", k, cand[0])
-            # a larger K must be clearly faster: it crosses ranks more often, and the
-            # simulator does not charge what a message costs the ranks' CPUs
+            # a larger K must be clearly faster: it crosses ranks more often, and what
+            # a message costs is known less well than what compute costs
             if best is None or cand[0] < best[0] * (1 - AUTO_CHUNKS_MARGIN):
                 best = cand
         if best is None:
@@ -375,6 +390,21 @@ class PipelineTrainer:
             "device": self.compiled.options.device,
             "chunks": self.chunks,
         }
+
+    def _time_groups_together(self, parts: Mapping[int, Any], example_mb: AtomsBatch) -> None:
+        """Time the candidate partitions' groups again, runs interleaved, so that K = 1 and
+        K = 2 are compared on times taken in one sitting (each partition timed its groups
+        when it was made, seconds apart: on a loaded machine two timings of the same graph
+        differ by several per cent, as much as the choice is about)."""
+        from .passes.group_timing import measure_group_times
+
+        timed = [p for p in parts.values() if p.group_times]
+        if len(timed) < 2:
+            return
+        params, buffers = dict(self.compiled.model.named_parameters()), dict(self.compiled.model.named_buffers())
+        flat = self.joint.flat_inputs(params, buffers, example_mb)
+        for part, times in zip(timed, measure_group_times([(p.plan, flat) for p in timed], example_mb.positions.device, repeats=3)):
+            part.group_times = times
 
     def _wavek_limits(self, graphs: StageGraphs, example_batch: AtomsBatch) -> Dict[str, Any]:
         """WaveK's in-flight limit from the options: ``max_in_flight`` (a count) and/or

@@ -56,6 +56,7 @@ PHASE_POS = {"F": 0, "G": 1, "GG": 2, "FB": 3, "FWD": 0, "BWD": 1}
 FORWARD_LIKE = frozenset({"F", "G", "FWD"})
 UPWARD = frozenset({"F", "GG", "FWD"})
 PHASE_COLORS = {"F": "#8ecae6", "G": "#ffb703", "GG": "#fb8500", "FB": "#219ebc", "FWD": "#90be6d", "BWD": "#b5838d"}
+COPY_COLOR = "#555555"  # Gantt: CPU time a message costs a rank
 MLIP_COSTS = {"F": 1.0, "G": 1.7, "GG": 2.5, "FB": 2.2}
 DEFAULT_BANDWIDTH = 25e9  # bytes/s between two ranks (NVLink-class); override per cluster
 DEFAULT_LATENCY = 20e-6  # seconds per message
@@ -74,7 +75,11 @@ class PipelineDAG:
     ``g`` reads (same micro-batch); ``tensors[(producer, consumer)]`` the value names that
     flow along an edge and ``nbytes`` their sizes (transfer time = latency + bytes /
     bandwidth when the two groups sit on different ranks). Edges without ``tensors`` get
-    one zero-byte name per producer.
+    one zero-byte name per producer. ``copy_s_per_message``, ``copy_s_per_tensor`` and
+    ``copy_s_per_byte``: the compute time a CPU rank loses to each message (a Send or Recv
+    of one or more tensors) it sends or receives (gloo copies through loopback TCP on the
+    ranks' own cores; `runtime.copy_probe` measures it), charged to the sender right after
+    the send and to the receiver on the receive; 0 on GPUs.
     """
 
     stages: int
@@ -87,8 +92,14 @@ class PipelineDAG:
     layout: str = "folded"
     bandwidth_bytes_per_s: float = math.inf
     latency_s: float = 0.0
+    copy_s_per_message: float = 0.0
+    copy_s_per_tensor: float = 0.0
+    copy_s_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
+        copy = (self.copy_s_per_message, self.copy_s_per_tensor, self.copy_s_per_byte)
+        if not all(c >= 0 for c in copy):
+            raise ValueError(f"copy costs must be >= 0, got {copy} (s per message, per tensor, per byte)")
         if self.stages < 1 or self.microbatches < 1:
             raise ValueError(f"need stages >= 1 and microbatches >= 1, got {self.stages}, {self.microbatches}")
         if self.layout not in ("folded", "unfolded"):
@@ -139,6 +150,9 @@ class PipelineDAG:
         microbatches: int,
         bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH,
         latency_s: float = DEFAULT_LATENCY,
+        copy_s_per_message: float = 0.0,
+        copy_s_per_tensor: float = 0.0,
+        copy_s_per_byte: float = 0.0,
     ) -> "PipelineDAG":
         """The DAG of a real `Partition`: its groups, data-flow dependencies and times.
 
@@ -178,6 +192,9 @@ class PipelineDAG:
             layout=layout,
             bandwidth_bytes_per_s=bandwidth_bytes_per_s,
             latency_s=latency_s,
+            copy_s_per_message=copy_s_per_message,
+            copy_s_per_tensor=copy_s_per_tensor,
+            copy_s_per_byte=copy_s_per_byte,
         )
 
     @classmethod
@@ -304,6 +321,13 @@ class PipelineDAG:
     def transfer_time(self, nbytes: float) -> float:
         return self.latency_s + (nbytes / self.bandwidth_bytes_per_s if nbytes else 0.0)
 
+    def copy_time(self, names: Sequence[str]) -> float:
+        """CPU time a rank loses sending (or receiving) these values as one message."""
+        if not names or not (self.copy_s_per_message or self.copy_s_per_tensor or self.copy_s_per_byte):
+            return 0.0
+        nbytes = sum(self.nbytes.get(n, 0.0) for n in names)
+        return self.copy_s_per_message + len(names) * self.copy_s_per_tensor + nbytes * self.copy_s_per_byte
+
     def comm_time(self, prod: GroupKey, cons: GroupKey) -> float:
         if self.rank(prod) == self.rank(cons):
             return 0.0
@@ -328,6 +352,9 @@ class PipelineDAG:
             "edges": [[[a[0], a[1]], [b[0], b[1]], list(names)] for (a, b), names in self.tensors.items()],
             "bandwidth_bytes_per_s": None if math.isinf(self.bandwidth_bytes_per_s) else self.bandwidth_bytes_per_s,
             "latency_s": self.latency_s,
+            "copy_s_per_message": self.copy_s_per_message,
+            "copy_s_per_tensor": self.copy_s_per_tensor,
+            "copy_s_per_byte": self.copy_s_per_byte,
         }
 
     @classmethod
@@ -344,6 +371,9 @@ class PipelineDAG:
                 layout=meta.get("layout", "folded"),
                 bandwidth_bytes_per_s=meta.get("bandwidth_bytes_per_s") or math.inf,
                 latency_s=meta.get("latency_s", 0.0),
+                copy_s_per_message=meta.get("copy_s_per_message", 0.0),
+                copy_s_per_tensor=meta.get("copy_s_per_tensor", 0.0),
+                copy_s_per_byte=meta.get("copy_s_per_byte", 0.0),
             )
         except KeyError as e:
             raise ScheduleError(f"program meta has no {e.args[0]!r}: pass the PipelineDAG to validate") from None
@@ -595,17 +625,23 @@ def hanayo(dag: PipelineDAG, max_in_flight: Optional[int] = None) -> Orders:
 
 def evaluate_orders(dag: PipelineDAG, orders: Orders) -> float:
     """Makespan of per-rank orders run as soon as possible: the timing model of `simulate`
-    (one message per producer and destination, FIFO-serialised channels) without
-    building programs, so that a search can afford many candidates."""
+    (one message per producer and destination, FIFO-serialised channels, copy costs on
+    both ranks) without building programs, so that a search can afford many candidates.
+    A message's receive is charged before its first consumer (programs may take it a
+    little earlier, behind older messages of the same channel)."""
     msg = _message_tensors(dag)
-    dsts: Dict[GroupKey, List[Tuple[int, float]]] = defaultdict(list)
+    dsts: Dict[GroupKey, List[Tuple[int, float, float]]] = defaultdict(list)
+    recv_copy: Dict[Tuple[GroupKey, int], float] = {}
     for (g, dst), names in sorted(msg.items()):
         nbytes = sum(dag.nbytes.get(n, 0.0) for n in names)
-        dsts[g].append((dst, nbytes / dag.bandwidth_bytes_per_s if nbytes else 0.0))
+        copy = dag.copy_time(names)
+        dsts[g].append((dst, nbytes / dag.bandwidth_bytes_per_s if nbytes else 0.0, copy))
+        recv_copy[(g, dst)] = copy
     rank_of = {g: dag.rank(g) for g in dag.groups}
     lat = dag.latency_s
     end: Dict[Tuple[GroupKey, int], float] = {}
     arrival: Dict[Tuple[GroupKey, int, int], float] = {}
+    taken: set = set()
     chan_free: Dict[Tuple[int, int], float] = defaultdict(float)
     P = dag.stages
     lists = [orders.get(r, []) for r in range(P)]
@@ -619,18 +655,29 @@ def evaluate_orders(dag: PipelineDAG, orders: Orders) -> float:
                 t = order[pos[r]]
                 g, m = (t.chunk, t.phase), t.mb
                 ready = free[r]
+                copy_in = 0.0
                 for d in dag.deps[g]:
-                    v = end.get((d, m)) if rank_of[d] == r else arrival.get((d, m, r))
+                    if rank_of[d] == r:
+                        v = end.get((d, m))
+                    else:
+                        v = arrival.get((d, m, r))
+                        if v is not None and (d, m, r) not in taken:
+                            copy_in += recv_copy[(d, r)]
                     if v is None:
                         break
                     ready = v if v > ready else ready
                 else:
-                    e = ready + dag.cost[g]
-                    end[(g, m)] = free[r] = e
-                    for dst, xfer in dsts.get(g, ()):
+                    for d in dag.deps[g]:
+                        if rank_of[d] != r:
+                            taken.add((d, m, r))
+                    e = ready + copy_in + dag.cost[g]
+                    end[(g, m)] = e
+                    for dst, xfer, copy in dsts.get(g, ()):
+                        e += copy
                         go = max(e, chan_free[(r, dst)])
                         chan_free[(r, dst)] = go + xfer
                         arrival[(g, m, dst)] = go + xfer + lat
+                    free[r] = e
                     pos[r] += 1
                     left -= 1
                     progress = True
@@ -1094,7 +1141,8 @@ def _deadlock_report(programs: ProgramSet, pc: List[int], queues: Mapping[Tuple[
 @dataclass
 class SimResult:
     """Simulated timing of one step: compute from the DAG's costs, transfers in parallel
-    with compute (serialised per channel), receives blocking."""
+    with compute (serialised per channel), receives blocking. ``busy`` is compute only;
+    ``copies`` lists (rank, start, end, tag) of the CPU time messages cost the ranks."""
 
     makespan: float
     busy: List[float]
@@ -1105,6 +1153,7 @@ class SimResult:
     stages: int
     microbatches: int
     transfers: List[Tuple[int, int, float, float, Tuple[int, str, int]]] = field(default_factory=list)
+    copies: List[Tuple[int, float, float, Tuple[int, str, int]]] = field(default_factory=list)
 
     @property
     def ideal(self) -> float:
@@ -1132,7 +1181,8 @@ def _peak(events: Iterable[Tuple[float, float]]) -> float:
 
 def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
     """Time the programs: compute from ``dag.cost``, a transfer takes latency + bytes /
-    bandwidth and starts when both the send is issued and the channel is free."""
+    bandwidth and starts when both the send is issued (after its copy cost on the sender)
+    and the channel is free; a receive waits for the arrival, then costs its copy."""
     P = programs.stages
     acts = [p.actions for p in programs.programs]
     pc = [0] * P
@@ -1145,6 +1195,7 @@ def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
     recv_done: Dict[Tuple[GroupKey, int, int], float] = {}
     timeline: List[Tuple[int, float, float, Task]] = []
     transfers: List[Tuple[int, int, float, float, Tuple[int, str, int]]] = []
+    copies: List[Tuple[int, float, float, Tuple[int, str, int]]] = []
     while True:
         progress = False
         for r in range(P):
@@ -1158,6 +1209,10 @@ def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
                 elif isinstance(a, Send):
                     nbytes = sum(dag.nbytes.get(n, 0.0) for n in a.tensors)
                     xfer = nbytes / dag.bandwidth_bytes_per_s if nbytes else 0.0
+                    copy = dag.copy_time(a.tensors)
+                    if copy:
+                        copies.append((r, clock[r], clock[r] + copy, a.tag))
+                        clock[r] += copy
                     go = max(clock[r], chan_free[(r, a.dst)])
                     chan_free[(r, a.dst)] = go + xfer
                     arr = go + xfer + dag.latency_s
@@ -1169,6 +1224,10 @@ def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
                     if not q:
                         break
                     clock[r] = max(clock[r], q.popleft())
+                    copy = dag.copy_time(a.tensors)
+                    if copy:
+                        copies.append((r, clock[r], clock[r] + copy, a.tag))
+                        clock[r] += copy
                     recv_done[((a.chunk, a.phase), a.mb, r)] = clock[r]
                 pc[r] += 1
                 progress = True
@@ -1201,6 +1260,7 @@ def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
         stages=P,
         microbatches=dag.microbatches,
         transfers=transfers,
+        copies=copies,
     )
 
 
@@ -1257,7 +1317,8 @@ def _stash_events(
 
 def gantt_svg(result: SimResult, path: Optional[str] = None, title: str = "") -> str:
     """A Gantt chart of the simulated timeline as SVG (hand-written, no plotting library):
-    one row per rank, one box per task coloured by phase, the micro-batch number inside."""
+    one row per rank, one box per task coloured by phase, the micro-batch number inside,
+    and the CPU time messages cost (`PipelineDAG.copy_s_per_message`) as grey boxes."""
     from xml.sax.saxutils import escape
 
     width, left, right, top, row_h, gap = 1200.0, 70.0, 20.0, 50.0, 28.0, 6.0
@@ -1291,6 +1352,14 @@ def gantt_svg(result: SimResult, path: Optional[str] = None, title: str = "") ->
             f'<text x="{x + w / 2:.2f}" y="{y + row_h / 2 + size * 0.35:.2f}" font-size="{size:.1f}" '
             f'text-anchor="middle">{task.mb}</text>'
         )
+    for r, t0, t1, tag in result.copies:
+        x, w = left + t0 * scale, max((t1 - t0) * scale, 0.5)
+        y = top + r * (row_h + gap)
+        label = f"copy {tag[1]} c{tag[0]} mb{tag[2]} [{t0:.4g}, {t1:.4g}]"
+        out.append(
+            f'<rect x="{x:.2f}" y="{y:.1f}" width="{w:.2f}" height="{row_h:.1f}" fill="{COPY_COLOR}">'
+            f"<title>{escape(label)}</title></rect>"
+        )
     y_axis = top + P * (row_h + gap)
     for k in range(11):
         t = span * k / 10
@@ -1302,6 +1371,10 @@ def gantt_svg(result: SimResult, path: Optional[str] = None, title: str = "") ->
         x = left + k * 80
         out.append(f'<rect x="{x:.1f}" y="{y_axis + 26:.1f}" width="14" height="14" fill="{PHASE_COLORS.get(p, "#ccc")}"/>')
         out.append(f'<text x="{x + 18:.1f}" y="{y_axis + 37:.1f}" font-size="12">{escape(p)}</text>')
+    if result.copies:
+        x = left + len(phases) * 80
+        out.append(f'<rect x="{x:.1f}" y="{y_axis + 26:.1f}" width="14" height="14" fill="{COPY_COLOR}"/>')
+        out.append(f'<text x="{x + 18:.1f}" y="{y_axis + 37:.1f}" font-size="12">message copy</text>')
     out.append("</svg>")
     svg = "\n".join(out) + "\n"
     if path is not None:

@@ -102,3 +102,25 @@ def test_link_bandwidth_reaches_the_schedule_not_the_ilp():
     assert slow.pipeline_dag().bandwidth_bytes_per_s == 1e5 and fast.pipeline_dag().bandwidth_bytes_per_s == 1e13
     # at 100 kB/s the boundary tensors dominate the simulated step
     assert slow.programs.meta["simulated"]["makespan_s"] > 10 * fast.programs.meta["simulated"]["makespan_s"]
+
+
+def test_chunks_auto_compares_k_on_groups_timed_together(monkeypatch):
+    """With chunks='auto' both candidate partitions are timed again in one interleaved
+    sitting before the simulator compares them, and the kept one schedules on those times."""
+    from janus_compile.passes import group_timing
+    from janus_compile.pipeline import PipelineTrainer
+
+    calls = []
+    real = group_timing.measure_group_times
+
+    def spy(runs, *args, **kw):
+        out = real(runs, *args, **kw)
+        calls.append((len(runs), out))
+        return out
+
+    monkeypatch.setattr(group_timing, "measure_group_times", spy)
+    trainer = PipelineTrainer(_model(), random_batch(5, 4), stages=2, chunks="auto", microbatches=2, copy_cost=None)
+    assert [n for n, _ in calls] == [1, 1, 2]  # each partition when made, then both together
+    together = calls[-1][1]
+    assert trainer.partition.group_times == together[0 if trainer.chunks == 1 else 1]
+    assert trainer.pipeline_dag().cost == {key: together[trainer.chunks - 1][key] for key in trainer.partition.plan.groups}

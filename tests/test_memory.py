@@ -97,7 +97,9 @@ def test_in_place_result_is_the_buffer_it_wrote_into():
 
 
 @pytest.mark.parametrize(
-    "name,schedule,microbatches", [("schnet", "gpipe", 3), ("schnet", "wavek", 3), ("painn", "wavek", 3), ("nequip", "wavek", 3)]
+    "name,schedule,microbatches",
+    # NequIP's case takes ~25 s on 2 cores: run with -m slow
+    [("schnet", "gpipe", 3), ("schnet", "wavek", 3), ("painn", "wavek", 3), pytest.param("nequip", "wavek", 3, marks=pytest.mark.slow)],
 )
 def test_replayed_peak_equals_the_tensors_alive_in_the_executor(name, schedule, microbatches):
     """One rank, the whole program (no messages): every value's lifetime is the executor's.
@@ -170,7 +172,11 @@ def test_allocation_peak_counts_what_is_alive_at_the_worst_moment():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name,schedule,chunks", [("schnet", "wavek", 2), ("schnet", "gpipe", 1), ("nequip", "1f1b", 1)])
+@pytest.mark.parametrize(
+    "name,schedule,chunks",
+    # NequIP's case takes ~30 s on 2 cores: run with -m slow (the SchNet cases cover the rules)
+    [("schnet", "wavek", 2), ("schnet", "gpipe", 1), pytest.param("nequip", "1f1b", 1, marks=pytest.mark.slow)],
+)
 def test_measured_allocations_of_real_workers_confirm_the_replay(name, schedule, chunks):
     """Real gloo workers: the tensors a step allocates at its worst moment (profiler
     allocator events) match the replay plus GradSync's two gradient copies. NequIP's

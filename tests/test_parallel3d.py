@@ -68,6 +68,7 @@ def test_mesh_equals_eager(model_name, pp, dp, gp):
     _check_against_eager(model_name, pp, dp, gp)
 
 
+@pytest.mark.slow  # 8 processes, ~23 s on 2 cores; test_mesh_equals_eager[schnet-2x2x2] checks every gradient there
 def test_training_2x2x2_loss_curve_matches_eager():
     """12 Adam steps on a (pp, dp, gp) = (2, 2, 2) mesh (8 processes) follow eager's losses."""
     batches = [random_batch(60 + k, 4, atoms_range=(4, 8)) for k in range(3)]

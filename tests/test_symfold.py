@@ -80,7 +80,11 @@ def check_fold_and_directions(part):
 
 
 @pytest.mark.parametrize("name", ["schnet", "painn"])
-@pytest.mark.parametrize("stages,chunks", [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (1, 2), (2, 2), (3, 2), (4, 2), (8, 2)])
+@pytest.mark.parametrize(
+    "stages,chunks",
+    # 16 chunks take 13-20 s each on 2 cores: run with -m slow ((8, 1) and (4, 2) stay)
+    [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (1, 2), (2, 2), (3, 2), (4, 2), pytest.param(8, 2, marks=pytest.mark.slow)],
+)
 def test_split_reproduces_eager(name, stages, chunks):
     part = check_split_exact(name, stages, chunks)
     check_fold_and_directions(part)
