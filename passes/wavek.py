@@ -26,7 +26,7 @@ import logging
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from janus_compile.runtime.program import Compute, GradSync, OptimizerStep, ProgramSet, RankProgram, Recv, Send
 
@@ -641,7 +641,7 @@ def evaluate_orders(dag: PipelineDAG, orders: Orders) -> float:
     lat = dag.latency_s
     end: Dict[Tuple[GroupKey, int], float] = {}
     arrival: Dict[Tuple[GroupKey, int, int], float] = {}
-    taken: set = set()
+    taken: Set[Tuple[GroupKey, int, int]] = set()  # messages received (and charged) already
     chan_free: Dict[Tuple[int, int], float] = defaultdict(float)
     P = dag.stages
     lists = [orders.get(r, []) for r in range(P)]

@@ -32,7 +32,7 @@ def _segmented(name):
     return joint, flat, ref, units, cut
 
 
-@pytest.mark.parametrize("name", ["schnet", "painn", "nequip"])
+@pytest.mark.parametrize("name", ["schnet", "painn", pytest.param("nequip", marks=pytest.mark.slow)])  # NequIP: 15-20 s on 2 cores
 def test_every_segment_on_its_own_chunk_reproduces_eager(name):
     """The hardest placement for the fold: each segment alone on a chunk of its own."""
     joint, flat, ref, units, cut = _segmented(name)

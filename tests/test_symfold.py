@@ -92,7 +92,7 @@ def test_split_reproduces_eager(name, stages, chunks):
 
 
 @pytest.mark.parametrize("name", ["schnet", "painn"])
-@pytest.mark.parametrize("stages", [4, 8])
+@pytest.mark.parametrize("stages", [4, pytest.param(8, marks=pytest.mark.slow)])  # 8: 9-13 s each on 2 cores
 def test_data_flow_order_reproduces_eager(name, stages):
     """Units placed out of their topological order (a filter on an earlier chunk than a
     block before it) still give the eager step exactly, with the fold and directions."""
