@@ -84,8 +84,8 @@ class JanusOptions:
     # weight); "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
     link_gb_s: Union[float, str] = AUTO_LINK
     # CPU time each message costs the rank that sends it and the one that receives it, in
-    # that simulator: "auto" measures it on CPU ranks (runtime/copy_probe.py, once per
-    # process; nothing on GPUs or with calibrate=False), None charges nothing, or
+    # that simulator: "auto" measures it on CPU ranks (runtime/copy_probe.py, kept a day
+    # on disk; nothing on GPUs or with calibrate=False), None charges nothing, or
     # (µs per message, µs per tensor, GB/s) sets it
     copy_cost: CopyCostOption = AUTO_COPY
     calibrate: bool = True

@@ -13,15 +13,21 @@ posted ahead, sends waited for after the answer). A message is what one Send / R
 action moves: one or more tensors posted together. The extra time per unit is one sent
 and one received message on each rank; a least-squares fit over message shapes (1 tensor
 of 64 KiB, 1 MiB, 8 MiB; 16 tensors of 64 KiB) gives seconds per message, per tensor
-and per byte. The result is cached per process.
+and per byte. The result is cached per process and, for a day, on disk
+(`copy_cost_cache_path`), so that the CLI, torchrun and repeated runs on one machine do
+not each spend the probe's ~7 s; delete the file to measure again.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import platform
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +41,7 @@ PROBE_UNITS = 16  # compute units (and messages each way) per timed run
 PROBE_REPEATS = 3  # runs of each shape, interleaved; the median is kept
 UNIT_MATRIX = 700  # float64 matmul side of one compute unit: ~10 ms on one core, so that a
 # message has time to arrive and what is left is the CPU it takes
+DISK_CACHE_TTL_S = 24 * 3600.0  # how long a measurement on disk is reused
 
 
 @dataclass(frozen=True)
@@ -135,13 +142,61 @@ def _probe_worker(rank: int, world: int, shapes: Sequence[Shape], units: int, re
 _CACHE: Dict[Tuple, CopyCost] = {}
 
 
+def copy_cost_cache_path() -> Path:
+    """Where measurements are kept: ``$XDG_CACHE_HOME/januspipe`` (default ~/.cache)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "januspipe" / "copy_cost.json"
+
+
+def _disk_key(key: Tuple) -> str:
+    """The machine and the probe: a measurement is reused only for the same of both."""
+    return json.dumps([platform.node(), os.cpu_count(), torch.__version__, UNIT_MATRIX, [list(k) if isinstance(k, tuple) else k for k in key]])
+
+
+def _read_disk(key: Tuple) -> Optional[CopyCost]:
+    try:
+        entry = json.loads(copy_cost_cache_path().read_text()).get(_disk_key(key))
+        if entry and time.time() - float(entry["measured_at"]) < DISK_CACHE_TTL_S:
+            return CopyCost(**entry["cost"])
+    except (OSError, ValueError, TypeError, KeyError):  # no file, unreadable or from another version
+        pass
+    return None
+
+
+def _write_disk(key: Tuple, cost: CopyCost) -> None:
+    """Atomically add this measurement (a cache: failing to write it loses nothing)."""
+    path = copy_cost_cache_path()
+    try:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[_disk_key(key)] = {"measured_at": time.time(), "cost": asdict(cost)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("copy probe: could not cache the measurement in %s: %s", path, exc)
+
+
 def measure_copy_cost(
-    shapes: Sequence[Shape] = PROBE_SHAPES, units: int = PROBE_UNITS, repeats: int = PROBE_REPEATS, timeout_s: float = 120.0
+    shapes: Sequence[Shape] = PROBE_SHAPES,
+    units: int = PROBE_UNITS,
+    repeats: int = PROBE_REPEATS,
+    timeout_s: float = 120.0,
+    disk_cache: bool = True,
 ) -> CopyCost:
-    """Measure (once per process) what a gloo message costs a busy CPU rank."""
+    """What a gloo message costs a busy CPU rank: measured once per process, reused from
+    disk for a day with ``disk_cache`` (the same machine, torch and probe)."""
     key = (tuple(shapes), units, repeats)
     if key in _CACHE:
         return _CACHE[key]
+    cached = _read_disk(key) if disk_cache else None
+    if cached is not None:
+        log.info("copy cost from %s: %s", copy_cost_cache_path(), cached.describe())
+        _CACHE[key] = cached
+        return cached
     from .launch import launch_local
 
     t0 = time.perf_counter()
@@ -157,4 +212,6 @@ def measure_copy_cost(
         time.perf_counter() - t0, 1e3 * unit, {f"{n}x{s}B": f"{1e3 * t:.3f} ms" for (n, s), t in extra.items()}, cost.describe(),
     )
     _CACHE[key] = cost
+    if disk_cache:
+        _write_disk(key, cost)
     return cost

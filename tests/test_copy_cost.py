@@ -143,14 +143,50 @@ def test_copy_cost_option():
             JanusOptions.from_mapping({"copy_cost": bad})
 
 
-def test_probe_measures_a_cost_on_busy_cpu_ranks():
+def test_probe_measures_a_cost_on_busy_cpu_ranks(tmp_path, monkeypatch):
     """Two real gloo processes: an 8 MiB message each way per compute unit takes CPU from
-    both ranks, so the per-byte cost is positive and within physical reason."""
+    both ranks, so the per-byte cost is positive and within physical reason. The result is
+    kept for the process and on disk, and read back from disk without a new probe."""
+    from janus_compile.runtime import copy_probe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(copy_probe, "_CACHE", {})
     cost = measure_copy_cost()
     assert all(math.isfinite(c) and c >= 0 for c in (cost.per_message_s, cost.per_tensor_s))
     assert cost.per_byte_s > 0
     assert 0.05 < 1e-9 / cost.per_byte_s < 200  # GB/s a core can copy through loopback TCP
-    assert measure_copy_cost() is cost  # cached: measured once per process
+    assert measure_copy_cost() is cost  # measured once per process
+    assert copy_probe.copy_cost_cache_path() == tmp_path / "januspipe" / "copy_cost.json"
+    assert copy_probe.copy_cost_cache_path().exists()
+
+    def no_probe(*args, **kw):
+        raise AssertionError("the probe ran although a fresh measurement was on disk")
+
+    monkeypatch.setattr(copy_probe, "_CACHE", {})
+    monkeypatch.setattr("janus_compile.runtime.launch.launch_local", no_probe)
+    assert measure_copy_cost() == cost  # another process on this machine: from disk
+    # a day later the measurement is stale
+    monkeypatch.setattr(copy_probe.time, "time", lambda: 2e10)
+    key = (copy_probe.PROBE_SHAPES, copy_probe.PROBE_UNITS, copy_probe.PROBE_REPEATS)
+    assert copy_probe._read_disk(key) is None
+
+
+def test_disk_cache_failures_lose_nothing(tmp_path, monkeypatch):
+    """An unwritable or corrupt cache is ignored: the measurement still stands."""
+    from janus_compile.runtime import copy_probe
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    key = ((1, 2),)
+    copy_probe._write_disk(key, CopyCost(1e-4, 1e-5, 1e-9))  # cannot create the folder: no error
+    assert copy_probe._read_disk(key) is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    copy_probe.copy_cost_cache_path().parent.mkdir(parents=True)
+    copy_probe.copy_cost_cache_path().write_text("{corrupt")
+    assert copy_probe._read_disk(key) is None
+    copy_probe._write_disk(key, CopyCost(1e-4, 1e-5, 1e-9))  # replaces the corrupt file
+    assert copy_probe._read_disk(key) == CopyCost(1e-4, 1e-5, 1e-9)
 
 
 def test_gantt_shows_the_copies():
