@@ -88,8 +88,30 @@ class CompiledMLIP(nn.Module):
         """Split graphs are needed: a pipeline, or a run on several processes."""
         return self.options.pipelined or self.options.world_size > 1
 
-    def _partition(self, graph: JointGraph, batch: AtomsBatch):
-        """SymFold (or a baseline) with per-node times calibrated on this batch and device."""
+    @property
+    def times_groups(self) -> bool:
+        """Whether partitions get measured group times: with calibration, when pipelined;
+        not with inductor (the workers run compiled graphs: the node times stand in)."""
+        return self.options.calibrate and self.options.pipelined and not self.options.inductor
+
+    def time_groups(self, batch: AtomsBatch, partitions: List[Any]) -> None:
+        """Set each partition's ``group_times``: its split graphs run on this batch as the
+        workers run them, all partitions' runs interleaved (`passes/group_timing.py`)."""
+        from .passes.group_timing import measure_group_times
+
+        params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        flat = self.joint_graph(batch).flat_inputs(params, buffers, batch)
+        timed = measure_group_times([(p.plan, flat) for p in partitions], batch.positions.device, repeats=3)
+        for partition, times in zip(partitions, timed):
+            partition.group_times = times
+            log.info(
+                "group times measured: %.4g s per micro-batch (the calibrated node times sum to %.4g s)",
+                sum(times.values()), sum(partition.chunk_phase_time().values()),
+            )
+
+    def _partition(self, graph: JointGraph, batch: AtomsBatch, time_groups: bool = True):
+        """SymFold (or a baseline) with per-node times calibrated on this batch and device;
+        with ``time_groups``, the split graphs timed too (the schedule's costs)."""
         from .passes.cost import calibrate
         from .passes.symfold import partition_graph
 
@@ -115,18 +137,8 @@ class CompiledMLIP(nn.Module):
             replicate=opts.replicate,
             order=opts.unit_order,
         )
-        if node_times is not None and not opts.inductor:
-            # the schedule's costs: each split graph timed as the workers run it (with
-            # inductor the workers run compiled graphs: the node times stand in for them)
-            from .passes.group_timing import measure_group_times
-
-            params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
-            flat = graph.flat_inputs(params, buffers, batch)
-            partition.group_times = measure_group_times([(partition.plan, flat)], batch.positions.device, repeats=3)[0]
-            log.info(
-                "group times measured: %.4g s per micro-batch (the calibrated node times sum to %.4g s)",
-                sum(partition.group_times.values()), sum(partition.chunk_phase_time().values()),
-            )
+        if time_groups and self.times_groups:
+            self.time_groups(batch, [partition])
         return partition
 
     def partition(self, batch: AtomsBatch):
@@ -137,17 +149,18 @@ class CompiledMLIP(nn.Module):
             self._partitions[id(graph)] = self._partition(graph, batch)
         return self._partitions[id(graph)]
 
-    def repartition(self, batch: AtomsBatch, chunks: int, partition: Any = None):
+    def repartition(self, batch: AtomsBatch, chunks: int, partition: Any = None, time_groups: bool = True):
         """Partition this batch's joint graph again with ``chunks`` per stage (the same
         calibration: candidates differ by their K alone), or adopt ``partition`` (made
-        earlier with that K), and make it the one in use."""
+        earlier with that K), and make it the one in use. ``time_groups=False`` leaves a
+        new partition's groups untimed (for `time_groups` on several at once)."""
         opts = dataclasses.replace(self.options, chunks=chunks)
         opts.validate()
         graph = self.joint_graph(batch)
         self.options = opts
         current = self._partitions.get(id(graph))
         if partition is None:
-            partition = current if current is not None and current.chunks == chunks else self._partition(graph, batch)
+            partition = current if current is not None and current.chunks == chunks else self._partition(graph, batch, time_groups)
         self._partitions[id(graph)] = partition
         return partition
 

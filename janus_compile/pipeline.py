@@ -347,11 +347,15 @@ class PipelineTrainer:
         parts: Dict[int, Any] = {}
         for k in AUTO_CHUNK_CANDIDATES if auto else ():
             try:
-                parts[k] = self.compiled.repartition(example_mb, k)
+                parts[k] = self.compiled.repartition(example_mb, k, time_groups=False)
             except (PartitionError, ScheduleError) as exc:  # too few units for K·P chunks, or over the memory cap
                 log.info("chunks='auto': K=%d skipped: %s", k, exc)
                 failures.append(exc)
-        self._time_groups_together(parts, example_mb)
+        if parts and self.compiled.times_groups:
+            # K = 1 and K = 2 compared on times taken in one sitting: timed seconds apart,
+            # the same graph differs by several per cent on a loaded machine, as much as
+            # the choice is about
+            self.compiled.time_groups(example_mb, list(parts.values()))
         tried: Dict[str, float] = {}
         for k, part in parts.items():
             try:
@@ -390,21 +394,6 @@ class PipelineTrainer:
             "device": self.compiled.options.device,
             "chunks": self.chunks,
         }
-
-    def _time_groups_together(self, parts: Mapping[int, Any], example_mb: AtomsBatch) -> None:
-        """Time the candidate partitions' groups again, runs interleaved, so that K = 1 and
-        K = 2 are compared on times taken in one sitting (each partition timed its groups
-        when it was made, seconds apart: on a loaded machine two timings of the same graph
-        differ by several per cent, as much as the choice is about)."""
-        from .passes.group_timing import measure_group_times
-
-        timed = [p for p in parts.values() if p.group_times]
-        if len(timed) < 2:
-            return
-        params, buffers = dict(self.compiled.model.named_parameters()), dict(self.compiled.model.named_buffers())
-        flat = self.joint.flat_inputs(params, buffers, example_mb)
-        for part, times in zip(timed, measure_group_times([(p.plan, flat) for p in timed], example_mb.positions.device, repeats=3)):
-            part.group_times = times
 
     def _wavek_limits(self, graphs: StageGraphs, example_batch: AtomsBatch) -> Dict[str, Any]:
         """WaveK's in-flight limit from the options: ``max_in_flight`` (a count) and/or
