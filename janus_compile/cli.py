@@ -236,6 +236,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout = open(os.devnull, "w")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import JanusError
+    from .runtime.malloc_tuning import tune_malloc_for_tensors
+
+    # this process times the split graphs the workers will run: the same malloc as theirs
+    tune_malloc_for_tensors()
 
     try:
         return args.func(args)

@@ -9,11 +9,11 @@ schedules then reorder around transfers that in truth overlap fine).
 So we measure it as the workers meet it: two gloo processes (one thread each, as the
 pipeline workers) run a fixed compute loop, first alone, then exchanging one message per
 compute unit in both directions, received one unit later as the executor does (receives
-posted ahead, sends waited for after the answer). A message is what one Send / Recv
-action moves: one or more tensors posted together. The extra time per unit is one sent
-and one received message on each rank; a least-squares fit over message shapes (1 tensor
-of 64 KiB, 1 MiB, 8 MiB; 16 tensors of 64 KiB) gives seconds per message, per tensor
-and per byte. The result is cached per process and, for a day, on disk
+posted ahead into freshly allocated buffers, sends waited for after the answer). A
+message is what one Send / Recv action moves: one or more tensors posted together. The
+extra time per unit is one sent and one received message on each rank; a least-squares
+fit over message shapes (1 tensor of 64 KiB, 1 MiB, 8 MiB; 16 tensors of 64 KiB) gives
+seconds per message, per tensor and per byte. The result is cached per process and, for a day, on disk
 (`copy_cost_cache_path`), so that the CLI, torchrun and repeated runs on one machine do
 not each spend the probe's ~7 s; delete the file to measure again.
 """
@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .malloc_tuning import USER_VARIABLES
+
 log = logging.getLogger(__name__)
 
 Shape = Tuple[int, int]  # (tensors per message, bytes per tensor)
@@ -41,6 +43,7 @@ PROBE_UNITS = 16  # compute units (and messages each way) per timed run
 PROBE_REPEATS = 3  # runs of each shape, interleaved; the median is kept
 UNIT_MATRIX = 700  # float64 matmul side of one compute unit: ~10 ms on one core, so that a
 # message has time to arrive and what is left is the CPU it takes
+PROBE_VERSION = 2  # part of the disk cache's key: a changed probe measures again
 DISK_CACHE_TTL_S = 24 * 3600.0  # how long a measurement on disk is reused
 
 
@@ -104,7 +107,13 @@ def _probe_worker(rank: int, world: int, shapes: Sequence[Shape], units: int, re
         n, size = shape
         return [torch.full((size // 8,), fill, dtype=torch.float64) for _ in range(n)]
 
-    bufs = {shape: (tensors(shape, 1.0), tensors(shape, 0.0)) for shape in shapes}
+    send_bufs_of = {shape: tensors(shape, 1.0) for shape in shapes}
+
+    def posted_receives(shape: Shape) -> List:
+        # a fresh buffer per message, as the executor allocates one per received tensor:
+        # whatever the allocator costs for that (page faults) is part of a message's cost
+        n, size = shape
+        return [dist.irecv(torch.empty(size // 8, dtype=torch.float64), src=peer) for _ in range(n)]
 
     def run(shape: Shape) -> float:
         dist.barrier()
@@ -113,8 +122,8 @@ def _probe_worker(rank: int, world: int, shapes: Sequence[Shape], units: int, re
             for _ in range(units):
                 torch.mm(a, a, out=out)
         else:
-            send_bufs, recv_bufs = bufs[shape]
-            recvs = [dist.irecv(b, src=peer) for b in recv_bufs]
+            send_bufs = send_bufs_of[shape]
+            recvs = posted_receives(shape)
             sent: List = []
             for i in range(units):
                 torch.mm(a, a, out=out)
@@ -123,7 +132,7 @@ def _probe_worker(rank: int, world: int, shapes: Sequence[Shape], units: int, re
                         w.wait()
                     for w in sent:
                         w.wait()  # the peer's answer proves it arrived: returns at once
-                    recvs = [dist.irecv(b, src=peer) for b in recv_bufs]
+                    recvs = posted_receives(shape)
                 sent = [dist.isend(b, dst=peer) for b in send_bufs]
             for w in recvs + sent:
                 w.wait()
@@ -149,8 +158,11 @@ def copy_cost_cache_path() -> Path:
 
 
 def _disk_key(key: Tuple) -> str:
-    """The machine and the probe: a measurement is reused only for the same of both."""
-    return json.dumps([platform.node(), os.cpu_count(), torch.__version__, UNIT_MATRIX, [list(k) if isinstance(k, tuple) else k for k in key]])
+    """The machine, its malloc settings and the probe: a measurement is reused only for
+    the same of all three."""
+    malloc = {v: os.environ[v] for v in USER_VARIABLES if v in os.environ}
+    probe = [PROBE_VERSION, UNIT_MATRIX, [list(k) if isinstance(k, tuple) else k for k in key]]
+    return json.dumps([platform.node(), os.cpu_count(), torch.__version__, malloc, probe])
 
 
 def _read_disk(key: Tuple) -> Optional[CopyCost]:

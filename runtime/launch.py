@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .malloc_tuning import tune_malloc_for_tensors
+
 log = logging.getLogger(__name__)
 
 
@@ -75,9 +77,11 @@ def torchrun_world() -> Optional[tuple]:
 
 
 def init_from_env(timeout_s: float, backend: str = "gloo") -> None:
-    """Join the process group torchrun set up (no-op if this process already has one)."""
+    """Join the process group torchrun set up (no-op if this process already has one).
+    A torchrun process is a training rank: its malloc is tuned as a spawned worker's."""
     if dist.is_initialized():
         return
+    tune_malloc_for_tensors()
     if backend == "nccl" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
@@ -96,6 +100,7 @@ def _worker(
     rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple, out_dir: str, backend: str = "gloo"
 ) -> None:
     torch.set_num_threads(1)
+    tune_malloc_for_tensors()
     path = Path(out_dir) / f"rank{rank}.pt"
     try:
         if backend == "nccl":
