@@ -13,9 +13,9 @@ posted ahead into freshly allocated buffers, sends waited for after the answer).
 message is what one Send / Recv action moves: one or more tensors posted together. The
 extra time per unit is one sent and one received message on each rank; a least-squares
 fit over message shapes (1 tensor of 64 KiB, 1 MiB, 8 MiB; 16 tensors of 64 KiB) gives
-seconds per message, per tensor and per byte. The result is cached per process and, for a day, on disk
-(`copy_cost_cache_path`), so that the CLI, torchrun and repeated runs on one machine do
-not each spend the probe's ~7 s; delete the file to measure again.
+seconds per message, per tensor and per byte. The result is cached per process and, for
+a day, on disk (`copy_cost_cache_path`), so that the CLI, torchrun and repeated runs on
+one machine do not each spend the probe's ~7 s; delete the file to measure again.
 """
 from __future__ import annotations
 

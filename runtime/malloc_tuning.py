@@ -14,7 +14,7 @@ So each worker, before it runs anything, fixes the mmap threshold at glibc's lar
 (32 MiB: larger tensors still come from ``mmap``) and turns trimming off. The resident
 memory then stays at the step's peak between steps instead of dropping and faulting back
 in: the peak itself is the same, since every step reaches it. (A trim threshold of
-1 GiB, tried first, still hands the heap back after every step on a rank whose step
+1 GiB, tried first, can still hand the heap back after every step on a rank whose step
 peaks above it, as 1F1B's and WaveK's did at 4 in flight in the PaiNN bench.) A user who
 sets any of glibc's ``MALLOC_*_`` variables keeps their settings (we change nothing), and
 on other C libraries this is a no-op.
