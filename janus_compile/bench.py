@@ -70,7 +70,7 @@ class BenchConfig:
     schedules: List[str] = field(default_factory=lambda: list(SCHEDULES))
     repeats: int = 3
     steps: int = 3  # timed steps per run
-    warmup: int = 2  # untimed steps per run (the heap grows to its footprint over the first two)
+    warmup: int = 3  # untimed steps per run: the heap grows (page faults) over the first few
     mb_structures: Optional[int] = None  # structures per micro-batch (default 2, or 1 with large)
     atoms: int = 16  # atoms per EMT structure
     large: Optional[int] = None  # >= this many atoms per structure (large_structure)
@@ -991,7 +991,7 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     p.add_argument("--repeats", type=int, default=3, help="rounds; schedules alternate round-robin within each")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per run (default 3: the workers' heap grows over the first few)")
     p.add_argument("--mb-structures", type=int, default=None, help="structures per micro-batch (default 2; 1 with --large)")
     p.add_argument("--atoms", type=int, default=16, help="atoms per EMT structure")
     p.add_argument("--large", type=int, default=None, metavar="N", help="use >= N-atom fcc Cu supercells (large_structure)")

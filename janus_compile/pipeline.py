@@ -101,6 +101,7 @@ def _train_worker(
     import time
 
     from .runtime.collectives import set_graph_parallel_group
+    from .runtime.gc_control import StepGarbageCollection
     from .runtime.gradsync import OverlappedGradSync, gradient_ready_at
     from .runtime.mesh import init_parallel_mesh
     from .training import write_checkpoint
@@ -162,42 +163,45 @@ def _train_worker(
         total=(epochs - start_epoch) * len(batches), desc="pipeline steps", unit="step", leave=False,
         disable=None if show is None else not show,
     )
-    for epoch in range(start_epoch, epochs):
-        for b, batch in enumerate(batches):
-            mbs = local_microbatches(batch, m, mesh.dp_rank, dp, mesh.gp_rank, gp)
-            inputs = [_flat_inputs(joint, params, buffers, mb.to(device)) for mb in mbs]
-            sizes = [size_values_from_batch(mb) for mb in mbs]
+    with StepGarbageCollection() as collector:
+        for epoch in range(start_epoch, epochs):
+            for b, batch in enumerate(batches):
+                mbs = local_microbatches(batch, m, mesh.dp_rank, dp, mesh.gp_rank, gp)
+                inputs = [_flat_inputs(joint, params, buffers, mb.to(device)) for mb in mbs]
+                sizes = [size_values_from_batch(mb) for mb in mbs]
+                collector.between_steps()  # outside the timed window
+                dist.barrier()
+                t0 = time.perf_counter()
+                last = epoch == epochs - 1 and b == len(batches) - 1
+                result, reduced, step_loss = run_step(inputs, sizes, last, step)
+                last_trace = result.trace or last_trace
+                step_times.append(time.perf_counter() - t0)
+                grads = dict(zip(param_names, reduced))
+                losses.append(step_loss)
+                if optimizer is not None:
+                    for n in param_names:
+                        params[n].grad = grads[n]
+                    optimizer.step()
+                last_grads = grads
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{step_loss:.4g}", step_ms=f"{1e3 * step_times[-1]:.0f}")
+                bar.update()
+                if last and return_grads and mesh.gp_rank == 0:
+                    for k, outs in result.outputs.items():
+                        found = {
+                            name: outs[arg].cpu() for name, arg in zip(joint["output_names"], output_args) if isinstance(arg, str) and arg in outs
+                        }
+                        if found:
+                            last_outputs[mesh.dp_rank * m + k] = found
+                step += 1
+            if setup.get("checkpoint") and rank == 0 and optimizer is not None:
+                write_checkpoint(setup["checkpoint"], {**params, **buffers}, optimizer.state_dict(), epoch)
+        bar.close()
+        allocated_peak = None
+        if setup.get("memory_probe") and batches:
+            # one more step on the last batch, its tensor allocations recorded (no update)
+            collector.between_steps()
             dist.barrier()
-            t0 = time.perf_counter()
-            last = epoch == epochs - 1 and b == len(batches) - 1
-            result, reduced, step_loss = run_step(inputs, sizes, last, step)
-            last_trace = result.trace or last_trace
-            step_times.append(time.perf_counter() - t0)
-            grads = dict(zip(param_names, reduced))
-            losses.append(step_loss)
-            if optimizer is not None:
-                for n in param_names:
-                    params[n].grad = grads[n]
-                optimizer.step()
-            last_grads = grads
-            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{step_loss:.4g}", step_ms=f"{1e3 * step_times[-1]:.0f}")
-            bar.update()
-            if last and return_grads and mesh.gp_rank == 0:
-                for k, outs in result.outputs.items():
-                    found = {
-                        name: outs[arg].cpu() for name, arg in zip(joint["output_names"], output_args) if isinstance(arg, str) and arg in outs
-                    }
-                    if found:
-                        last_outputs[mesh.dp_rank * m + k] = found
-            step += 1
-        if setup.get("checkpoint") and rank == 0 and optimizer is not None:
-            write_checkpoint(setup["checkpoint"], {**params, **buffers}, optimizer.state_dict(), epoch)
-    bar.close()
-    allocated_peak = None
-    if setup.get("memory_probe") and batches:
-        # one more step on the last batch, its tensor allocations recorded (no update)
-        dist.barrier()
-        _, allocated_peak = allocation_peak(lambda: run_step(inputs, sizes, False, step), device)
+            _, allocated_peak = allocation_peak(lambda: run_step(inputs, sizes, False, step), device)
     return {
         "allocated_peak_bytes": allocated_peak,
         "losses": losses,
