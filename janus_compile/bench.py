@@ -411,6 +411,8 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             per[sched] = {
                 "chunks": tr.chunks,
                 "chunks_tried": tr.programs.meta.get("chunks_tried", {}),
+                # the split solved again on measured group times, where one was (passes/rebalance.py)
+                "rebalance": tr.programs.meta.get("rebalance"),
                 "partition": tr.partition.method,
                 "build_s": build_s[sched],
                 "step_s": st,
@@ -806,6 +808,14 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"\nwavek: memory_cap_gb={plain.get('memory_cap_gb')!r}, {plain['wavek_memory_budget_bytes'] / 1e9:.3g} GB per rank "
                 f"for the replayed peak, in-flight cap {_cap_text(plain.get('wavek_cap'))}."
             )
+        rebalanced = [
+            f"{s} (simulated {1e3 * r['rebalance']['simulated_step_s']:.0f} → {1e3 * r['rebalance']['rebalanced_simulated_step_s']:.0f} ms, "
+            + ("kept)" if r["rebalance"]["kept"] else "not kept)")
+            for s, r in e["schedules"].items()
+            if r.get("rebalance") and r["rebalance"].get("rebalanced_simulated_step_s") is not None
+        ]
+        if rebalanced:
+            lines.append("\nsplit solved again on measured group times (`rebalance`): " + ", ".join(rebalanced) + ".")
         if COUNT_CAP in e["schedules"]:
             lines.append(
                 f"\n{COUNT_CAP}: WaveK at most P micro-batches in flight per rank (memory_cap_gb=None); measured "

@@ -109,11 +109,39 @@ class CompiledMLIP(nn.Module):
                 sum(times.values()), sum(partition.chunk_phase_time().values()),
             )
 
+    def rebalanced(self, batch: AtomsBatch, partitions: List[Any]) -> List[Optional[Any]]:
+        """Per timed partition, a split of the same method and K solved again on node times
+        corrected by its measured groups, where those measure the ranks out of balance and
+        the new split differs (else None); `passes/rebalance.py`. Where any is made, every
+        partition and new split is timed again in one sitting, so that the caller (the
+        trainer's simulator) compares them on equal terms. Nothing with ``rebalance``
+        off or without group timing."""
+        from .passes.rebalance import REBALANCED_METHODS, REBALANCE_TARGET, corrected_node_times, measured_imbalance
+
+        out: List[Optional[Any]] = [None] * len(partitions)
+        if not (self.options.rebalance and self.times_groups):
+            return out
+        graph = self.joint_graph(batch)
+        for i, part in enumerate(partitions):
+            imbalance = measured_imbalance(part)
+            if imbalance <= REBALANCE_TARGET or part.method not in REBALANCED_METHODS or part.stages < 2:
+                continue
+            candidate = self._solve(graph, batch, part.chunks, corrected_node_times(part))
+            same = candidate.plan.placement.chunk == part.plan.placement.chunk
+            log.info(
+                "rebalance (%s, K=%d): measured max/mean %.3f, solved again on corrected node times: %s",
+                part.method, part.chunks, imbalance, "the same split" if same else "a new split",
+            )
+            out[i] = None if same else candidate
+        new = [c for c in out if c is not None]
+        if new:
+            self.time_groups(batch, list(partitions) + new)
+        return out
+
     def _partition(self, graph: JointGraph, batch: AtomsBatch, time_groups: bool = True):
         """SymFold (or a baseline) with per-node times calibrated on this batch and device;
         with ``time_groups``, the split graphs timed too (the schedule's costs)."""
         from .passes.cost import calibrate
-        from .passes.symfold import partition_graph
 
         opts = self.options
         sizes = size_values_from_batch(batch)
@@ -124,22 +152,29 @@ class CompiledMLIP(nn.Module):
                 device = batch.positions.device.type
                 self._node_times[id(graph)] = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
             node_times = self._node_times[id(graph)]
-        partition = partition_graph(
+        partition = self._solve(graph, batch, opts.chunks, node_times)
+        if time_groups and self.times_groups:
+            self.time_groups(batch, [partition])
+        return partition
+
+    def _solve(self, graph: JointGraph, batch: AtomsBatch, chunks: int, node_times: Optional[Mapping[str, float]]):
+        """The options' partition method on ``graph`` with ``chunks`` per stage."""
+        from .passes.symfold import partition_graph
+
+        opts = self.options
+        return partition_graph(
             graph.gm,
             opts.stages,
-            opts.chunks,
+            chunks,
             opts.partition,
             node_times=node_times,
-            sizes=sizes,
+            sizes=size_values_from_batch(batch),
             time_limit_s=opts.ilp_time_limit_s,
             memory_cap_bytes=opts.memory_cap_bytes,
             microbatches_in_flight=opts.microbatches_in_flight,
             replicate=opts.replicate,
             order=opts.unit_order,
         )
-        if time_groups and self.times_groups:
-            self.time_groups(batch, [partition])
-        return partition
 
     def partition(self, batch: AtomsBatch):
         """The partition (units → chunks, split graphs) used for this batch's sizes (made

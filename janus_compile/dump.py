@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch.fx as fx
 
 from .passes.labels import FORWARD_NODE, IS_LOSS, MODULE, PHASE, module_phase_counts, phase_counts
+from .passes.rebalance import measured_rank_times
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,9 @@ def partition_report(partition) -> dict:
         "group_times_s": [
             {"chunk": c, "group": g, "seconds": t} for (c, g), t in sorted(partition.group_times.items())
         ],
+        # per rank, summed over the timed groups; and those of the split a rebalance replaced
+        "measured_rank_times_s": measured_rank_times(partition),
+        "rebalanced_from_rank_times_s": list(partition.rebalanced_from),
     }
 
 
@@ -219,6 +223,12 @@ def partition_markdown(report: dict) -> str:
             "calibrated node times):", "", "| chunk | group | measured ms |", "|---|---|---|",
         ]
         lines += [f"| {row['chunk']} | {row['group']} | {1e3 * row['seconds']:.3f} |" for row in report["group_times_s"]]
+        lines += ["", "measured ms per rank: " + ", ".join(f"{1e3 * t:.3f}" for t in report.get("measured_rank_times_s", []))]
+    if report.get("rebalanced_from_rank_times_s"):
+        lines += [
+            "", "Solved again on node times corrected by the measured groups (`rebalance`); the first split measured "
+            + ", ".join(f"{1e3 * t:.3f}" for t in report["rebalanced_from_rank_times_s"]) + " ms per rank.",
+        ]
     return "\n".join(lines) + "\n"
 
 

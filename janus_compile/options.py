@@ -89,6 +89,9 @@ class JanusOptions:
     # (µs per message, µs per tensor, GB/s) sets it
     copy_cost: CopyCostOption = AUTO_COPY
     calibrate: bool = True
+    # solve the partition again, on node times corrected by the measured groups, where those
+    # measure the ranks out of balance (passes/rebalance.py; needs calibrate)
+    rebalance: bool = True
     device: str = "cpu"  # pipeline workers: "cpu" (gloo) or "cuda" (one GPU per process, NCCL)
     inductor: bool = False  # run the joint graph (one process) or each stage graph (workers) through TorchInductor
     dump_dir: Optional[str] = None
@@ -119,6 +122,8 @@ class JanusOptions:
             raise OptionsError(f"option 'replicate' must be one of {REPLICATE}, got {self.replicate!r}")
         if self.unit_order not in UNIT_ORDERS:
             raise OptionsError(f"option 'unit_order' must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
+        if not isinstance(self.rebalance, bool):
+            raise OptionsError(f"option 'rebalance' must be True or False, got {self.rebalance!r}")
         if self.ilp_time_limit_s <= 0:
             raise OptionsError(f"option 'ilp_time_limit_s' must be positive, got {self.ilp_time_limit_s!r}")
         if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):

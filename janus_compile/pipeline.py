@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -323,6 +323,27 @@ class PipelineTrainer:
             copy_s_per_message=copy.per_message_s, copy_s_per_tensor=copy.per_tensor_s, copy_s_per_byte=copy.per_byte_s,
         )
 
+    @staticmethod
+    def _keep_faster(first: Tuple, plan_with: Callable[[int, Any], Tuple], k: int, part: Any, alternative: Any) -> Tuple[Tuple, Dict[str, Any]]:
+        """The planned candidate (``plan_with``'s tuple) of ``part`` or of its rebalanced
+        ``alternative``, whichever's schedule simulates faster, and what was compared."""
+        from .passes.rebalance import measured_rank_times
+
+        try:
+            second = plan_with(k, alternative)
+        except (PartitionError, ScheduleError) as exc:  # e.g. over the memory cap
+            log.info("rebalanced split (K=%d) not schedulable: %s", k, exc)
+            return first, {"simulated_step_s": first[0], "rebalanced_simulated_step_s": None, "kept": False}
+        kept = second[0] < first[0]
+        log.info("rebalanced split (K=%d): simulated step %.4g s against %.4g s: %s", k, second[0], first[0], "kept" if kept else "not kept")
+        info = {
+            "simulated_step_s": first[0], "rebalanced_simulated_step_s": second[0], "kept": kept,
+            "measured_rank_s": measured_rank_times(part), "rebalanced_measured_rank_s": measured_rank_times(alternative),
+        }
+        if kept:
+            alternative.rebalanced_from = measured_rank_times(part)
+        return (second if kept else first), info
+
     def _plan(self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any]) -> Dict[str, Any]:
         """Compile, partition and schedule (sets .compiled, .joint, .partition, .dag); what
         every rank needs to run, as one picklable dict."""
@@ -346,30 +367,34 @@ class PipelineTrainer:
             programs = make_programs(dag, schedule, **limits)  # validated: deadlock-free
             return programs.meta["simulated"]["makespan_s"], k, part, dag, graphs, programs
 
-        if not auto:
-            best = plan_with(self.chunks, self.compiled.partition(example_mb))
-        parts: Dict[int, Any] = {}
+        parts: Dict[int, Any] = {} if auto else {self.chunks: self.compiled.partition(example_mb)}
         for k in AUTO_CHUNK_CANDIDATES if auto else ():
             try:
                 parts[k] = self.compiled.repartition(example_mb, k, time_groups=False)
             except (PartitionError, ScheduleError) as exc:  # too few units for K·P chunks, or over the memory cap
                 log.info("chunks='auto': K=%d skipped: %s", k, exc)
                 failures.append(exc)
-        if parts and self.compiled.times_groups:
+        if auto and parts and self.compiled.times_groups:
             # K = 1 and K = 2 compared on times taken in one sitting: timed seconds apart,
             # the same graph differs by several per cent on a loaded machine, as much as
             # the choice is about
             self.compiled.time_groups(example_mb, list(parts.values()))
+        # splits solved again where the measured groups are out of balance (all timed again
+        # together if any is made); each kept only if its schedule simulates faster
+        alternatives = dict(zip(parts, self.compiled.rebalanced(example_mb, list(parts.values()))))
         tried: Dict[str, float] = {}
+        rebalance: Dict[str, Any] = {}
         for k, part in parts.items():
             try:
                 cand = plan_with(k, part)
             except (PartitionError, ScheduleError) as exc:  # no schedule within the memory cap
-                log.info("chunks='auto': K=%d skipped: %s", k, exc)
+                log.info("K=%d skipped: %s", k, exc)
                 failures.append(exc)
                 continue
+            if alternatives.get(k) is not None:
+                cand, rebalance[str(k)] = self._keep_faster(cand, plan_with, k, part, alternatives[k])
             tried[str(k)] = cand[0]
-            log.info("chunks='auto': K=%d simulated step %.4g s", k, cand[0])
+            log.info("K=%d simulated step %.4g s", k, cand[0])
             # a larger K must be clearly faster: it crosses ranks more often, and what
             # a message costs is known less well than what compute costs
             if best is None or cand[0] < best[0] * (1 - AUTO_CHUNKS_MARGIN):
@@ -377,11 +402,14 @@ class PipelineTrainer:
         if best is None:
             raise failures[-1]  # no K worked: the reason of the last one
         _, k, self.partition, self.dag, graphs, programs = best
-        if auto:
+        if auto or self.partition is not parts[k]:
             self.chunks = k
             self.compiled.repartition(example_mb, k, self.partition)  # the kept partition is the one in use
             self.compiled.write_partition_dump(example_mb)
+        if auto:
             programs.meta["chunks_tried"] = tried
+        if str(k) in rebalance:
+            programs.meta["rebalance"] = rebalance[str(k)]
         return {
             "graphs": graphs,
             "programs": programs.to_json(),

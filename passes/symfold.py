@@ -66,6 +66,8 @@ class Partition:
     # measured seconds of each (chunk, group) graph on the example micro-batch
     # (`passes/group_timing.py`); empty when not measured: the schedule then sums node times
     group_times: Dict[Tuple[int, str], float] = field(default_factory=dict)
+    # measured seconds per rank of the split this one replaced (`passes/rebalance.py`), else empty
+    rebalanced_from: List[float] = field(default_factory=list)
 
     @property
     def num_chunks(self) -> int:

@@ -1,6 +1,8 @@
 """Shared test helpers: random labelled structures and exact comparisons with eager."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -63,3 +65,16 @@ def eager_adam_losses(model, batches, epochs: int, loss_fn, lr: float = 1e-3):
             opt.step()
             losses.append(loss.item())
     return losses
+
+
+class SlowGroup(torch.nn.Module):
+    """A split group graph that takes ``delay`` seconds longer: a stand-in for a costly
+    group in the real group timing (not picklable to workers: timing tests only)."""
+
+    def __init__(self, gm, delay: float) -> None:
+        super().__init__()
+        self.gm, self.delay = gm, delay
+
+    def forward(self, *args):
+        time.sleep(self.delay)
+        return self.gm(*args)

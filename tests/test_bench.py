@@ -51,6 +51,10 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys):
         # one extra step per schedule with its allocations recorded, beside the replay
         assert len(r["allocated_peak_mb"]) == 2 and min(r["allocated_peak_mb"]) > 0
         assert len(r["est_allocated_peak_mb"]) == 2
+        # a split solved again on measured group times is named with both simulated steps
+        assert "rebalance" in r
+        if r["rebalance"] and r["rebalance"]["rebalanced_simulated_step_s"] is not None:
+            assert f"{s} (simulated {1e3 * r['rebalance']['simulated_step_s']:.0f} →" in text
     assert entry["schedules"]["hanayo"]["chunks"] == 2
     assert entry["schedules"]["1f1b"]["partition"] == "unfolded"
     for k in ("wavek/1f1b", "wavek/hanayo", "wavek/gpipe"):

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pytest
 import torch
 
 import janus_compile
-from conftest import random_batch
+from conftest import SlowGroup, random_batch
 from janus_compile import EnergyForceLoss
 from janus_compile.models import build_model
 from janus_compile.passes.group_timing import measure_group_times
@@ -28,25 +27,13 @@ def _joint_and_inputs(model, batch):
     return joint, joint.flat_inputs(params, buffers, batch)
 
 
-class _Slow(torch.nn.Module):
-    """A group graph that takes ``delay`` seconds longer: a stand-in for a costly group."""
-
-    def __init__(self, gm, delay: float) -> None:
-        super().__init__()
-        self.gm, self.delay = gm, delay
-
-    def forward(self, *args):
-        time.sleep(self.delay)
-        return self.gm(*args)
-
-
 def test_every_group_is_timed_and_a_slow_one_shows():
     model = _model()
     joint, flat = _joint_and_inputs(model, random_batch(5, 3))
     even = partition_graph(joint.gm, 2, 2, "even")
     unfolded = partition_graph(joint.gm, 2, 1, "unfolded")
     slow_key = sorted(even.plan.groups)[0]
-    even.plan.groups[slow_key] = dataclasses.replace(even.plan.groups[slow_key], gm=_Slow(even.plan.groups[slow_key].gm, 0.05))
+    even.plan.groups[slow_key] = dataclasses.replace(even.plan.groups[slow_key], gm=SlowGroup(even.plan.groups[slow_key].gm, 0.05))
     timed_even, timed_unfolded = measure_group_times([(even.plan, flat), (unfolded.plan, flat)], repeats=2)
     assert set(timed_even) == set(even.plan.groups) and set(timed_unfolded) == set(unfolded.plan.groups)
     assert all(t > 0 for t in [*timed_even.values(), *timed_unfolded.values()])
@@ -106,7 +93,8 @@ def test_link_bandwidth_reaches_the_schedule_not_the_ilp():
 
 def test_chunks_auto_compares_k_on_groups_timed_together(monkeypatch):
     """With chunks='auto' both candidate partitions are timed in one interleaved sitting
-    before the simulator compares them; the kept one schedules on those times."""
+    before the simulator compares them; the kept one schedules on those times (rebalance
+    off: it would time a split again where the tiny model's groups measure unbalanced)."""
     from janus_compile.passes import group_timing
     from janus_compile.pipeline import PipelineTrainer
 
@@ -119,7 +107,7 @@ def test_chunks_auto_compares_k_on_groups_timed_together(monkeypatch):
         return out
 
     monkeypatch.setattr(group_timing, "measure_group_times", spy)
-    trainer = PipelineTrainer(_model(), random_batch(5, 4), stages=2, chunks="auto", microbatches=2, copy_cost=None)
+    trainer = PipelineTrainer(_model(), random_batch(5, 4), stages=2, chunks="auto", microbatches=2, copy_cost=None, rebalance=False)
     # K = 1 is timed with the joint graph (its partition is made there), K = 2 only with
     # both together: the sitting that decides
     assert [n for n, _ in calls] == [1, 2]
