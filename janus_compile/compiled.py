@@ -124,7 +124,7 @@ class CompiledMLIP(nn.Module):
         graph = self.joint_graph(batch)
         for i, part in enumerate(partitions):
             imbalance = measured_imbalance(part)
-            if imbalance <= REBALANCE_TARGET or part.method not in REBALANCED_METHODS or part.stages < 2:
+            if imbalance <= REBALANCE_TARGET or part.method not in REBALANCED_METHODS:  # one rank: always 1.0
                 continue
             candidate = self._solve(graph, batch, part.chunks, corrected_node_times(part))
             same = candidate.plan.placement.chunk == part.plan.placement.chunk

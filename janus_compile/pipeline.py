@@ -329,19 +329,20 @@ class PipelineTrainer:
         ``alternative``, whichever's schedule simulates faster, and what was compared."""
         from .passes.rebalance import measured_rank_times
 
+        info: Dict[str, Any] = {
+            "simulated_step_s": first[0], "rebalanced_simulated_step_s": None, "kept": False,
+            "measured_rank_s": measured_rank_times(part), "rebalanced_measured_rank_s": measured_rank_times(alternative),
+        }
         try:
             second = plan_with(k, alternative)
         except (PartitionError, ScheduleError) as exc:  # e.g. over the memory cap
             log.info("rebalanced split (K=%d) not schedulable: %s", k, exc)
-            return first, {"simulated_step_s": first[0], "rebalanced_simulated_step_s": None, "kept": False}
+            return first, info
         kept = second[0] < first[0]
         log.info("rebalanced split (K=%d): simulated step %.4g s against %.4g s: %s", k, second[0], first[0], "kept" if kept else "not kept")
-        info = {
-            "simulated_step_s": first[0], "rebalanced_simulated_step_s": second[0], "kept": kept,
-            "measured_rank_s": measured_rank_times(part), "rebalanced_measured_rank_s": measured_rank_times(alternative),
-        }
+        info.update(rebalanced_simulated_step_s=second[0], kept=kept)
         if kept:
-            alternative.rebalanced_from = measured_rank_times(part)
+            alternative.rebalanced_from = info["measured_rank_s"]
         return (second if kept else first), info
 
     def _plan(self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any]) -> Dict[str, Any]:

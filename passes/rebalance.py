@@ -31,19 +31,12 @@ REBALANCED_METHODS = ("symfold", "unfolded")
 def measured_rank_times(partition: Any) -> List[float]:
     """Seconds per rank for one micro-batch, summed over its measured groups (empty
     without ``group_times``)."""
-    if not partition.group_times:
-        return []
-    times = [0.0] * partition.stages
-    for (chunk, _), t in partition.group_times.items():
-        times[partition.rank_of_chunk(chunk)] += t
-    return times
+    return partition.rank_times(partition.group_times) if partition.group_times else []
 
 
 def measured_imbalance(partition: Any) -> float:
     """max/mean of `measured_rank_times` (1.0 without group times)."""
-    times = measured_rank_times(partition)
-    mean = sum(times) / len(times) if times else 0.0
-    return max(times) / mean if mean > 0 else 1.0
+    return partition.imbalance(partition.group_times) if partition.group_times else 1.0
 
 
 def group_factors(partition: Any) -> Dict[Any, float]:

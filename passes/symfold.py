@@ -85,15 +85,17 @@ class Partition:
             out[key] = out.get(key, 0.0) + self.node_times.get(name, 0.0)
         return out
 
-    def rank_times(self) -> List[float]:
+    def rank_times(self, group_times: Optional[Mapping[Tuple[int, str], float]] = None) -> List[float]:
+        """Seconds per rank for one micro-batch: the (chunk, phase) times summed per rank,
+        from the node times unless ``group_times`` (e.g. the measured ones) are given."""
         times = [0.0] * self.stages
-        for (c, _), t in self.chunk_phase_time().items():
+        for (c, _), t in (self.chunk_phase_time() if group_times is None else group_times).items():
             times[self.rank_of_chunk(c)] += t
         return times
 
-    def imbalance(self) -> float:
-        """max/mean per-rank step time: 1.0 is perfect balance."""
-        times = self.rank_times()
+    def imbalance(self, group_times: Optional[Mapping[Tuple[int, str], float]] = None) -> float:
+        """max/mean per-rank step time (of `rank_times`): 1.0 is perfect balance."""
+        times = self.rank_times(group_times)
         mean = sum(times) / len(times)
         return max(times) / mean if mean > 0 else 1.0
 

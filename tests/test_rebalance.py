@@ -1,5 +1,6 @@
 """Rebalancing: a split whose groups measure out of balance is solved again on node times
-corrected by those measurements, and the new split is kept only if it measures faster."""
+corrected by those measurements, and the trainer keeps whichever split's schedule
+simulates faster."""
 from __future__ import annotations
 
 import dataclasses
