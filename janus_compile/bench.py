@@ -65,7 +65,7 @@ class BenchConfig:
     dtype: str = "float32"
     seed: int = 0
     stages: int = 2
-    chunks: Union[int, str] = "auto"  # K for wavek and gpipe ("auto": the faster of 1, 2 simulated); hanayo 2, 1f1b 1
+    chunks: Union[int, str] = "auto"  # K for wavek and gpipe ("auto": the fastest of 1, 2, 4 simulated); hanayo 2, 1f1b 1
     microbatches: List[int] = field(default_factory=lambda: [4])
     schedules: List[str] = field(default_factory=lambda: list(SCHEDULES))
     repeats: int = 3
@@ -518,6 +518,12 @@ def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[A
     return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0, optimizer_state_bytes(model))
 
 
+def hanayo_chunks(sim_chunks: Sequence[int]) -> List[int]:
+    """K's the simulated Hanayo is given: 2 (its default wave), and every K >= 2 WaveK is
+    given, so that a larger K is not WaveK's advantage alone."""
+    return sorted({2} | {k for k in sim_chunks if k >= 2})
+
+
 def _sim_schedules(
     parts: Dict[Tuple[str, int], Any],
     dag_of: Dict[Tuple[str, int], Any],
@@ -547,8 +553,8 @@ def _sim_schedules(
         sched = "wavek" if name in (EQUAL_MEMORY, COUNT_CAP) else name
         if sched == "1f1b":
             keys = [("unfolded", 1)]
-        elif sched == "hanayo":
-            keys = [("symfold", 2)]
+        elif sched == "hanayo":  # a wave needs K >= 2: Hanayo gets every such K WaveK gets, best kept
+            keys = [("symfold", k) for k in hanayo_chunks(sim_chunks)]
         elif sched == "wavek":
             keys = [("symfold", k) for k in sim_chunks]
         else:  # gpipe: same K as the first wavek K
@@ -631,7 +637,7 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
             parts: Dict[Tuple[str, int], Any] = {}
             errors: Dict[str, str] = {}
             t0 = time.perf_counter()
-            keys = {("unfolded", 1), ("symfold", 2)} | {("symfold", k) for k in cfg.sim_chunks}
+            keys = {("unfolded", 1)} | {("symfold", k) for k in [*cfg.sim_chunks, *hanayo_chunks(cfg.sim_chunks)]}
             for method, K in sorted(keys):
                 try:
                     parts[(method, K)] = partition_graph(
@@ -866,7 +872,7 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
     scheds = [s for s in SCHEDULES if any(s in r["schedules"] for r in rows)]
     head = (
         "| model | blocks | P | M | " + " | ".join(f"{s} str/s" for s in scheds)
-        + " | wavek K | wavek cap | wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem: wavek, hanayo "
+        + " | wavek K | hanayo K | wavek cap | wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem: wavek, hanayo "
         + "| P in flight: wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem "
         + "| at 1F1B's mem: wavek cap | wavek/1f1b | wavek eff. |"
     )
@@ -878,7 +884,7 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['stages']} | {r['microbatches']} | "
             + " | ".join(_fmt(thr.get(s), ".1f") for s in scheds)
-            + f" | {wk.get('chunks', 'n/a')} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(ra['wavek/1f1b'])} | {_fmt(ra['wavek/hanayo'])} "
+            + f" | {wk.get('chunks', 'n/a')} | {r['schedules'].get('hanayo', {}).get('chunks', 'n/a')} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(ra['wavek/1f1b'])} | {_fmt(ra['wavek/hanayo'])} "
             + f"| {_fmt(r['wavek_efficiency'])} | {_fmt(_memory_ratio(r, 'wavek'))}, {_fmt(_memory_ratio(r, 'hanayo'))} "
             + f"| {_fmt(ra.get('wavek@count-P/1f1b'))} | {_fmt(ra.get('wavek@count-P/hanayo'))} | {_fmt(r.get('wavek_count_efficiency'))} "
             + f"| {_fmt(_memory_ratio(r, COUNT_CAP))} "
@@ -1012,7 +1018,7 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--sim-models", nargs="+", default=["schnet", "painn", "nequip"], choices=["schnet", "painn", "nequip"])
     p.add_argument("--sim-stages", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--sim-factors", type=int, nargs="+", default=[1, 2, 4], help="simulated M = factor × P")
-    p.add_argument("--sim-chunks", type=int, nargs="+", default=[1, 2], help="K tried for simulated wavek (best kept)")
+    p.add_argument("--sim-chunks", type=int, nargs="+", default=[1, 2], help="K tried for simulated wavek (best kept); hanayo gets 2 and those >= 2")
     p.add_argument("--sim-ilp-time", type=float, default=5.0, help="ILP time limit per solve in the simulation (s)")
     p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
     p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")

@@ -25,7 +25,7 @@ class OptionsError(JanusError, ValueError):
     """An option has an unknown name or a value out of range."""
 
 
-AUTO_CHUNKS = "auto"  # PipelineTrainer(chunks='auto'): simulate K = 1 and K = 2, keep the faster
+AUTO_CHUNKS = "auto"  # PipelineTrainer(chunks='auto'): simulate K = 1, 2 and 4, keep the fastest
 
 AUTO_LINK = "auto"
 LINK_GB_S_AUTO = {"cpu": 25.0, "cuda": 25.0}

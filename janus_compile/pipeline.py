@@ -41,7 +41,7 @@ from .runtime.program import ProgramSet, send_releases
 log = logging.getLogger(__name__)
 
 PARTITION_OF_SCHEDULE = {"1f1b": "unfolded"}
-AUTO_CHUNK_CANDIDATES = (1, 2)  # what chunks='auto' tries
+AUTO_CHUNK_CANDIDATES = (1, 2, 4)  # what chunks='auto' tries (a K the model has too few units for is skipped)
 AUTO_CHUNKS_MARGIN = 0.03
 """How much shorter a larger K's simulated step must be to be kept. Before the simulator
 charged what a message costs the ranks' CPUs, it put K = 2 of SchNet (1008 atoms, P = 2)
@@ -221,10 +221,10 @@ class PipelineTrainer:
 
     ``schedule``: "wavek" (ours), "1f1b" (unfolded partition, the classic baseline),
     "hanayo" (wave, 2 chunks per rank), "gpipe". ``chunks``: K chunks per stage, or
-    "auto" (wavek, gpipe) to partition and schedule with K = 1 and K = 2 and keep the
-    faster in the simulator, K = 2 only by more than `AUTO_CHUNKS_MARGIN` (same
-    calibration, both partitions' groups timed together; ``chunks_tried`` has both
-    figures).
+    "auto" (wavek, gpipe) to partition and schedule with K = 1, 2 and 4 and keep the
+    fastest in the simulator, a larger K only by more than `AUTO_CHUNKS_MARGIN` (same
+    calibration, the partitions' groups timed together; ``chunks_tried`` has each
+    figure).
 
     Started normally, the trainer spawns ``world_size`` local processes for every
     `train` / `gradients` call. Started by ``torchrun`` (one process per rank, on one or
@@ -376,7 +376,7 @@ class PipelineTrainer:
                 log.info("chunks='auto': K=%d skipped: %s", k, exc)
                 failures.append(exc)
         if auto and parts and self.compiled.times_groups:
-            # K = 1 and K = 2 compared on times taken in one sitting: timed seconds apart,
+            # the K's compared on times taken in one sitting: timed seconds apart,
             # the same graph differs by several per cent on a loaded machine, as much as
             # the choice is about
             self.compiled.time_groups(example_mb, list(parts.values()))

@@ -44,7 +44,8 @@ which on an objective of ~0.03 s would silently accept solutions 0.03 % off the 
 Here "optimal" means proven within 1e-5 of the even share (`MIP_INCREMENT`).
 
 CBC runs single-threaded with a fixed seed so that the same input gives the same
-assignment (unless the time limit cuts the search short: that limit is wall time).
+assignment (unless the time limit cuts the search short: that limit is wall time, and a
+CBC still inside an LP past it is stopped, `passes/solver_deadline.py`).
 The better of the even split (`even_partition`) and a split at the cost quantiles, each
 polished by a boundary-move local search, is handed to CBC as a MIP start when it fits
 the memory cap, so a time-limited solve always has a feasible answer at least as good as
@@ -67,6 +68,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pulp
+
+from .solver_deadline import solve_with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -586,8 +589,18 @@ MIP_INCREMENT = 1e-5
 """CBC cutoff increment on the normalised objective: "optimal" is within this of the best."""
 
 
-def _solver(problem: PartitionProblem, time_limit: float, log_path: str, warm: bool, mip: bool = True) -> pulp.PULP_CBC_CMD:
+def cbc_deadline_s(time_limit_s: float) -> float:
+    """Wall seconds after which a CBC run given ``time_limit_s`` is stopped: CBC itself
+    stops near its limit except inside an LP (`passes/solver_deadline.py`)."""
+    return 2.0 * time_limit_s + 10.0
+
+
+def _solver(
+    problem: PartitionProblem, time_limit: float, log_path: str, warm: bool, mip: bool = True, tmp_dir: Optional[str] = None
+) -> pulp.PULP_CBC_CMD:
     """CBC, single-threaded with a fixed seed: repeatable unless the time limit bites.
+    ``tmp_dir``: where pulp writes the model for CBC (a directory of this solve alone, so
+    that `solve_with_deadline` can find its CBC process).
 
     CBC reads a seed of 0 as "use the time of day", so seeds are shifted by one."""
     seed = int(problem.seed) % 2_147_483_646 + 1
@@ -595,7 +608,7 @@ def _solver(problem: PartitionProblem, time_limit: float, log_path: str, warm: b
     # installed CBC behind COIN_CMD; the bundled one is what every install here has.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="PULP_CBC_CMD is deprecated", category=DeprecationWarning)
-        return pulp.PULP_CBC_CMD(
+        solver = pulp.PULP_CBC_CMD(
             mip=mip,
             msg=False,
             timeLimit=time_limit,
@@ -604,6 +617,9 @@ def _solver(problem: PartitionProblem, time_limit: float, log_path: str, warm: b
             logPath=log_path,
             options=[f"randomSeed {seed}", f"randomCbcSeed {seed}", f"increment {MIP_INCREMENT}"],
         )
+    if tmp_dir is not None:
+        solver.tmpDir = tmp_dir
+    return solver
 
 
 _BEST_POSSIBLE_RE = re.compile(r"best possible\s+([-+0-9.eE]+)")
@@ -648,9 +664,10 @@ def _combinatorial_bound(problem: PartitionProblem) -> float:
 def _relaxation_bound(problem: PartitionProblem, time_limit: float, tmp: str) -> Optional[float]:
     """Seconds: optimum of the LP relaxation, a valid lower bound only when proven optimal."""
     model = _build(problem, relax=True)
-    solver = _solver(problem, max(time_limit, 1.0), os.path.join(tmp, "relax.log"), warm=False, mip=False)
-    status = model.prob.solve(solver)
-    if pulp.LpStatus[status] != "Optimal":
+    limit = max(time_limit, 1.0)
+    solver = _solver(problem, limit, os.path.join(tmp, "relax.log"), warm=False, mip=False, tmp_dir=tmp)
+    status = solve_with_deadline(lambda: model.prob.solve(solver), tmp, cbc_deadline_s(limit))
+    if status is None or pulp.LpStatus[status] != "Optimal":
         log.debug("LP relaxation not solved to optimality (%s); no bound from it", pulp.LpStatus[status])
         return None
     return float(pulp.value(model.prob.objective) or 0.0) * model.time_scale
@@ -715,8 +732,17 @@ def solve_partition(
         t_solve = time.perf_counter()
         # the limit covers the whole call: CBC gets what the MIP start left (at least 10 %)
         cbc_limit = max(problem.time_limit_s - (time.perf_counter() - t0), 0.1 * problem.time_limit_s)
-        status = prob.solve(_solver(problem, cbc_limit, log_path, warm=warm))
+        solver = _solver(problem, cbc_limit, log_path, warm=warm, tmp_dir=tmp)
+        status = solve_with_deadline(lambda: prob.solve(solver), tmp, cbc_deadline_s(cbc_limit))
         solve_s = time.perf_counter() - t_solve
+        if status is None:  # CBC was stopped: the MIP start is the answer
+            if start is None:
+                raise PartitionError(
+                    f"CBC ran {solve_s:.3g} s (time_limit_s = {problem.time_limit_s:g}) on {n} units onto {v} chunks "
+                    "and was stopped before it found a partition. Give it a longer time_limit_s, or use fewer "
+                    "(coarser) units."
+                )
+            return _answer(problem, list(start), STATUS_TIME_LIMIT, [_combinatorial_bound(problem)], t0, lp_text, num_vars, num_cons, baseline)
         try:
             with open(log_path) as f:
                 cbc_log = f.read()
@@ -768,9 +794,25 @@ def solve_partition(
                 relax = _relaxation_bound(problem, problem.time_limit_s, tmp)
                 if relax is not None:
                     candidates.append(relax)
-        bound: Optional[float] = min(max(candidates), objective)
-    gap = (objective - bound) / objective if objective > 0 else 0.0
+    return _answer(problem, chunk_of_unit, status_str, candidates, t0, lp_text, num_vars, num_cons, baseline)
 
+
+def _answer(
+    problem: PartitionProblem,
+    chunk_of_unit: List[int],
+    status_str: str,
+    bounds: List[float],
+    t0: float,
+    lp_text: str,
+    num_vars: int,
+    num_cons: int,
+    baseline: PartitionSolution,
+) -> PartitionSolution:
+    """The solution for ``chunk_of_unit``, its bound the best of ``bounds`` (lower bounds
+    on the objective, none above the answer's own), logged."""
+    objective, rank_time, rank_memory, chunk_time = _evaluate(problem, chunk_of_unit)
+    bound = min(max(bounds), objective)
+    gap = (objective - bound) / objective if objective > 0 else 0.0
     sol = PartitionSolution(
         chunk_of_unit=chunk_of_unit,
         status=status_str,

@@ -92,7 +92,7 @@ def test_link_bandwidth_reaches_the_schedule_not_the_ilp():
 
 
 def test_chunks_auto_compares_k_on_groups_timed_together(monkeypatch):
-    """With chunks='auto' both candidate partitions are timed in one interleaved sitting
+    """With chunks='auto' the candidate partitions are timed in one interleaved sitting
     before the simulator compares them; the kept one schedules on those times (rebalance
     off: it would time a split again where the tiny model's groups measure unbalanced)."""
     from janus_compile.passes import group_timing
@@ -108,9 +108,10 @@ def test_chunks_auto_compares_k_on_groups_timed_together(monkeypatch):
 
     monkeypatch.setattr(group_timing, "measure_group_times", spy)
     trainer = PipelineTrainer(_model(), random_batch(5, 4), stages=2, chunks="auto", microbatches=2, copy_cost=None, rebalance=False)
-    # K = 1 is timed with the joint graph (its partition is made there), K = 2 only with
-    # both together: the sitting that decides
-    assert [n for n, _ in calls] == [1, 2]
-    together = calls[-1][1]
-    assert trainer.partition.group_times == together[0 if trainer.chunks == 1 else 1]
-    assert trainer.pipeline_dag().cost == {key: together[trainer.chunks - 1][key] for key in trainer.partition.plan.groups}
+    # K = 1 is timed with the joint graph (its partition is made there), the other K's
+    # only with all together: the sitting that decides
+    ks = sorted(trainer.chunks_tried)
+    assert ks[:2] == [1, 2] and [n for n, _ in calls] == [1, len(ks)]
+    together = calls[-1][1][ks.index(trainer.chunks)]
+    assert trainer.partition.group_times == together
+    assert trainer.pipeline_dag().cost == {key: together[key] for key in trainer.partition.plan.groups}

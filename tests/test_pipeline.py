@@ -194,17 +194,21 @@ def test_memory_cap_below_what_any_schedule_needs_is_refused(cap_gb, message, ch
 
 
 def test_chunks_auto_keeps_the_faster_k_and_stays_exact(tmp_path):
-    """chunks='auto' partitions and schedules with K = 1 and K = 2 on one calibration and
-    keeps the one the simulator finds faster (K = 2 only by more than the margin); the
-    kept plan trains exactly."""
+    """chunks='auto' partitions and schedules with K = 1, 2 (and 4 where the model has
+    units enough) on one calibration and keeps the one the simulator finds fastest (a
+    larger K only by more than the margin); the kept plan trains exactly."""
     model = _model()
     batch = random_batch(7, 4)
     trainer = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", calibrate=False, dump_dir=str(tmp_path))
     tried = trainer.chunks_tried
-    assert set(tried) == {1, 2}
+    assert {1, 2} <= set(tried) <= {1, 2, 4}
     from janus_compile.pipeline import AUTO_CHUNKS_MARGIN
 
-    assert trainer.chunks == (2 if tried[2] < tried[1] * (1 - AUTO_CHUNKS_MARGIN) else 1)
+    best = 1
+    for k in sorted(tried):
+        if tried[k] < tried[best] * (1 - AUTO_CHUNKS_MARGIN):
+            best = k
+    assert trainer.chunks == best
     assert trainer.partition.chunks == trainer.chunks == trainer.compiled.options.chunks
     assert trainer.programs.meta["simulated"]["makespan_s"] == pytest.approx(tried[trainer.chunks])
     assert trainer.partition.num_chunks == 2 * trainer.chunks

@@ -1,0 +1,68 @@
+"""A CBC solve that runs past its deadline is stopped, and the ILP answers with its start."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from janus_compile.passes import symfold_ilp
+from janus_compile.passes.solver_deadline import processes_naming, solve_with_deadline
+from janus_compile.passes.symfold_ilp import STATUS_TIME_LIMIT, PartitionProblem, Unit, UnitEdge, solve_partition
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="finding the solver process needs /proc")
+
+
+def _sleeper(private_dir: str, seconds: float) -> int:
+    """A child process that names ``private_dir`` on its command line, as CBC names its model."""
+    return subprocess.run([sys.executable, "-c", f"import time; time.sleep({seconds})", private_dir]).returncode
+
+
+@needs_proc
+def test_a_solve_past_its_deadline_is_stopped(tmp_path):
+    t0 = time.perf_counter()
+    assert solve_with_deadline(lambda: _sleeper(str(tmp_path), 60), str(tmp_path), 0.5) is None
+    assert time.perf_counter() - t0 < 10
+    assert processes_naming(str(tmp_path)) == []
+
+
+def test_a_solve_in_time_returns_its_result_or_raises(tmp_path):
+    assert solve_with_deadline(lambda: _sleeper(str(tmp_path), 0), str(tmp_path), 60) == 0
+
+    def fails():
+        raise RuntimeError("solver broke")
+
+    with pytest.raises(RuntimeError, match="solver broke"):
+        solve_with_deadline(fails, str(tmp_path), 60)
+
+
+@needs_proc
+def test_only_this_solves_processes_are_stopped(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(other)])
+    try:
+        assert solve_with_deadline(lambda: _sleeper(str(tmp_path / "mine"), 60), str(tmp_path / "mine"), 0.2) is None
+        assert bystander.poll() is None, "a process of another solve was stopped"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@needs_proc
+def test_ilp_stopped_at_its_deadline_answers_with_its_start(monkeypatch):
+    """With the deadline at 0 s CBC is stopped as soon as it starts: the answer is the
+    polished MIP start, a valid placement, with the combinatorial bound."""
+    units = [Unit(f"u{i}", {"F": c, "G": 1.7 * c, "GG": 2.5 * c, "FB": 2.2 * c}) for i, c in enumerate([1.0, 2.0, 1.5, 0.5] * 10)]
+    edges = [UnitEdge(i, i + 1, 1e6) for i in range(len(units) - 1)]
+    problem = PartitionProblem(units=units, edges=edges, stages=4, chunks=2, order="dag", time_limit_s=30.0)
+    monkeypatch.setattr(symfold_ilp, "cbc_deadline_s", lambda limit: 0.0)
+    sol = solve_partition(problem)
+    assert sol.status == STATUS_TIME_LIMIT
+    assert sol.solve_seconds < 25
+    a = sol.chunk_of_unit
+    assert set(a) == set(range(8)) and all(a[e.src] <= a[e.dst] for e in edges)
+    assert sol.bound is not None and sol.bound <= sol.objective
+    assert sol.imbalance < 1.2  # the start is polished, not the even split of counts
