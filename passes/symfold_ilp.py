@@ -595,9 +595,7 @@ def cbc_deadline_s(time_limit_s: float) -> float:
     return 2.0 * time_limit_s + 10.0
 
 
-def _solver(
-    problem: PartitionProblem, time_limit: float, log_path: str, warm: bool, mip: bool = True, tmp_dir: Optional[str] = None
-) -> pulp.PULP_CBC_CMD:
+def _solver(problem: PartitionProblem, time_limit: float, log_path: str, tmp_dir: str, warm: bool, mip: bool = True) -> pulp.PULP_CBC_CMD:
     """CBC, single-threaded with a fixed seed: repeatable unless the time limit bites.
     ``tmp_dir``: where pulp writes the model for CBC (a directory of this solve alone, so
     that `solve_with_deadline` can find its CBC process).
@@ -617,8 +615,7 @@ def _solver(
             logPath=log_path,
             options=[f"randomSeed {seed}", f"randomCbcSeed {seed}", f"increment {MIP_INCREMENT}"],
         )
-    if tmp_dir is not None:
-        solver.tmpDir = tmp_dir
+    solver.tmpDir = tmp_dir
     return solver
 
 
@@ -665,10 +662,10 @@ def _relaxation_bound(problem: PartitionProblem, time_limit: float, tmp: str) ->
     """Seconds: optimum of the LP relaxation, a valid lower bound only when proven optimal."""
     model = _build(problem, relax=True)
     limit = max(time_limit, 1.0)
-    solver = _solver(problem, limit, os.path.join(tmp, "relax.log"), warm=False, mip=False, tmp_dir=tmp)
+    solver = _solver(problem, limit, os.path.join(tmp, "relax.log"), tmp, warm=False, mip=False)
     status = solve_with_deadline(lambda: model.prob.solve(solver), tmp, cbc_deadline_s(limit))
     if status is None or pulp.LpStatus[status] != "Optimal":
-        log.debug("LP relaxation not solved to optimality (%s); no bound from it", pulp.LpStatus[status])
+        log.debug("LP relaxation not solved to optimality (%s); no bound from it", "stopped" if status is None else pulp.LpStatus[status])
         return None
     return float(pulp.value(model.prob.objective) or 0.0) * model.time_scale
 
@@ -732,7 +729,7 @@ def solve_partition(
         t_solve = time.perf_counter()
         # the limit covers the whole call: CBC gets what the MIP start left (at least 10 %)
         cbc_limit = max(problem.time_limit_s - (time.perf_counter() - t0), 0.1 * problem.time_limit_s)
-        solver = _solver(problem, cbc_limit, log_path, warm=warm, tmp_dir=tmp)
+        solver = _solver(problem, cbc_limit, log_path, tmp, warm=warm)
         status = solve_with_deadline(lambda: prob.solve(solver), tmp, cbc_deadline_s(cbc_limit))
         solve_s = time.perf_counter() - t_solve
         if status is None:  # CBC was stopped: the MIP start is the answer

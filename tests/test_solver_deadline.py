@@ -66,3 +66,15 @@ def test_ilp_stopped_at_its_deadline_answers_with_its_start(monkeypatch):
     assert set(a) == set(range(8)) and all(a[e.src] <= a[e.dst] for e in edges)
     assert sol.bound is not None and sol.bound <= sol.objective
     assert sol.imbalance < 1.2  # the start is polished, not the even split of counts
+
+
+@needs_proc
+def test_lp_relaxation_stopped_at_its_deadline_gives_no_bound(monkeypatch, tmp_path):
+    """The bound of a time-limited answer falls back on the LP relaxation; stopped, it
+    gives none (rather than failing the whole partition)."""
+    n = 120  # an LP CBC spends a good part of a second on: long enough to be caught
+    units = [Unit(f"u{i}", {"F": 1.0 + i % 3}) for i in range(n)]
+    problem = PartitionProblem(units=units, edges=[UnitEdge(i, i + 1, 1e6) for i in range(n - 1)], stages=8, chunks=4, order="dag")
+    assert symfold_ilp._relaxation_bound(problem, 30.0, str(tmp_path)) is not None
+    monkeypatch.setattr(symfold_ilp, "cbc_deadline_s", lambda limit: 0.0)
+    assert symfold_ilp._relaxation_bound(problem, 30.0, str(tmp_path)) is None
