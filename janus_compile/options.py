@@ -11,7 +11,7 @@ from .errors import JanusError
 from .memory_budget import AUTO_MEMORY
 
 if TYPE_CHECKING:
-    from .runtime.copy_probe import CopyCost
+    from .passes.copy_cost import CopyModel
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,11 @@ class JanusOptions:
             return LINK_GB_S_AUTO.get(self.device, LINK_GB_S_AUTO["cuda"]) * 1e9
         return float(self.link_gb_s) * 1e9
 
-    def resolved_copy_cost(self) -> "CopyCost":
+    def resolved_copy_cost(self) -> "CopyModel":
         """The copy cost the simulator charges ('auto': the probe's, on CPU ranks that
-        calibrate; it runs two processes for a few seconds the first time)."""
-        from .runtime.copy_probe import CopyCost, measure_copy_cost
+        calibrate; it runs two processes for ~20 s the first time on a machine each day)."""
+        from .passes.copy_cost import CopyCost
+        from .runtime.copy_probe import measure_copy_cost
 
         copy = self.copy_cost
         if copy is None:

@@ -317,10 +317,9 @@ class PipelineTrainer:
 
         part = partition if partition is not None else self.partition
         options = self.compiled.options
-        copy = options.resolved_copy_cost()
         return PipelineDAG.from_partition(
             part, self.microbatches, bandwidth_bytes_per_s=options.link_bytes_per_s,
-            copy_s_per_message=copy.per_message_s, copy_s_per_tensor=copy.per_tensor_s, copy_s_per_byte=copy.per_byte_s,
+            copy_cost=options.resolved_copy_cost(),
         )
 
     @staticmethod

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 
 from janus_compile.runtime.program import Compute, GradSync, OptimizerStep, ProgramSet, RankProgram, Recv, Send
 
+from .copy_cost import CopyCost, CopyModel, MeasuredCopyCost, copy_cost_from_json
 from .symfold_ilp import wave_rank
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,14 @@ DEFAULT_LATENCY = 20e-6  # seconds per message
 # ---------------------------------------------------------------------------------------
 
 
+def _copy_cost_of_meta(meta: Mapping[str, Any]) -> CopyModel:
+    """The copy cost of a `PipelineDAG.describe` (programs stored before the measured model
+    carry three linear terms instead)."""
+    if "copy_cost" in meta:
+        return copy_cost_from_json(meta["copy_cost"])
+    return CopyCost(meta.get("copy_s_per_message", 0.0), meta.get("copy_s_per_tensor", 0.0), meta.get("copy_s_per_byte", 0.0))
+
+
 @dataclass
 class PipelineDAG:
     """The (chunk, phase group) dependency DAG, its placement and costs, for M micro-batches.
@@ -75,11 +84,11 @@ class PipelineDAG:
     ``g`` reads (same micro-batch); ``tensors[(producer, consumer)]`` the value names that
     flow along an edge and ``nbytes`` their sizes (transfer time = latency + bytes /
     bandwidth when the two groups sit on different ranks). Edges without ``tensors`` get
-    one zero-byte name per producer. ``copy_s_per_message``, ``copy_s_per_tensor`` and
-    ``copy_s_per_byte``: the compute time a CPU rank loses to each message (a Send or Recv
-    of one or more tensors) it sends or receives (gloo copies through loopback TCP on the
-    ranks' own cores; `runtime.copy_probe` measures it), charged to the sender right after
-    the send and to the receiver on the receive; 0 on GPUs.
+    one zero-byte name per producer. ``copy_cost`` (`passes.copy_cost`): the compute time
+    a CPU rank loses to each message (a Send or Recv of one or more tensors) it sends or
+    receives (gloo copies through loopback TCP on the ranks' own cores;
+    `runtime.copy_probe` measures it), charged to the sender right after the send and to
+    the receiver on the receive; free on GPUs.
     """
 
     stages: int
@@ -92,14 +101,11 @@ class PipelineDAG:
     layout: str = "folded"
     bandwidth_bytes_per_s: float = math.inf
     latency_s: float = 0.0
-    copy_s_per_message: float = 0.0
-    copy_s_per_tensor: float = 0.0
-    copy_s_per_byte: float = 0.0
+    copy_cost: CopyModel = CopyCost()
 
     def __post_init__(self) -> None:
-        copy = (self.copy_s_per_message, self.copy_s_per_tensor, self.copy_s_per_byte)
-        if not all(c >= 0 for c in copy):
-            raise ValueError(f"copy costs must be >= 0, got {copy} (s per message, per tensor, per byte)")
+        if not isinstance(self.copy_cost, (CopyCost, MeasuredCopyCost)):
+            raise ValueError(f"copy_cost must be a CopyCost or MeasuredCopyCost, got {self.copy_cost!r}")
         if self.stages < 1 or self.microbatches < 1:
             raise ValueError(f"need stages >= 1 and microbatches >= 1, got {self.stages}, {self.microbatches}")
         if self.layout not in ("folded", "unfolded"):
@@ -150,9 +156,7 @@ class PipelineDAG:
         microbatches: int,
         bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH,
         latency_s: float = DEFAULT_LATENCY,
-        copy_s_per_message: float = 0.0,
-        copy_s_per_tensor: float = 0.0,
-        copy_s_per_byte: float = 0.0,
+        copy_cost: CopyModel = CopyCost(),
     ) -> "PipelineDAG":
         """The DAG of a real `Partition`: its groups, data-flow dependencies and times.
 
@@ -192,9 +196,7 @@ class PipelineDAG:
             layout=layout,
             bandwidth_bytes_per_s=bandwidth_bytes_per_s,
             latency_s=latency_s,
-            copy_s_per_message=copy_s_per_message,
-            copy_s_per_tensor=copy_s_per_tensor,
-            copy_s_per_byte=copy_s_per_byte,
+            copy_cost=copy_cost,
         )
 
     @classmethod
@@ -323,10 +325,9 @@ class PipelineDAG:
 
     def copy_time(self, names: Sequence[str]) -> float:
         """CPU time a rank loses sending (or receiving) these values as one message."""
-        if not names or not (self.copy_s_per_message or self.copy_s_per_tensor or self.copy_s_per_byte):
+        if not names or self.copy_cost.free:
             return 0.0
-        nbytes = sum(self.nbytes.get(n, 0.0) for n in names)
-        return self.copy_s_per_message + len(names) * self.copy_s_per_tensor + nbytes * self.copy_s_per_byte
+        return self.copy_cost.of(len(names), sum(self.nbytes.get(n, 0.0) for n in names))
 
     def comm_time(self, prod: GroupKey, cons: GroupKey) -> float:
         if self.rank(prod) == self.rank(cons):
@@ -352,9 +353,7 @@ class PipelineDAG:
             "edges": [[[a[0], a[1]], [b[0], b[1]], list(names)] for (a, b), names in self.tensors.items()],
             "bandwidth_bytes_per_s": None if math.isinf(self.bandwidth_bytes_per_s) else self.bandwidth_bytes_per_s,
             "latency_s": self.latency_s,
-            "copy_s_per_message": self.copy_s_per_message,
-            "copy_s_per_tensor": self.copy_s_per_tensor,
-            "copy_s_per_byte": self.copy_s_per_byte,
+            "copy_cost": self.copy_cost.to_json(),
         }
 
     @classmethod
@@ -371,9 +370,7 @@ class PipelineDAG:
                 layout=meta.get("layout", "folded"),
                 bandwidth_bytes_per_s=meta.get("bandwidth_bytes_per_s") or math.inf,
                 latency_s=meta.get("latency_s", 0.0),
-                copy_s_per_message=meta.get("copy_s_per_message", 0.0),
-                copy_s_per_tensor=meta.get("copy_s_per_tensor", 0.0),
-                copy_s_per_byte=meta.get("copy_s_per_byte", 0.0),
+                copy_cost=_copy_cost_of_meta(meta),
             )
         except KeyError as e:
             raise ScheduleError(f"program meta has no {e.args[0]!r}: pass the PipelineDAG to validate") from None
@@ -1318,7 +1315,7 @@ def _stash_events(
 def gantt_svg(result: SimResult, path: Optional[str] = None, title: str = "") -> str:
     """A Gantt chart of the simulated timeline as SVG (hand-written, no plotting library):
     one row per rank, one box per task coloured by phase, the micro-batch number inside,
-    and the CPU time messages cost (`PipelineDAG.copy_s_per_message`) as grey boxes."""
+    and the CPU time messages cost (`PipelineDAG.copy_cost`) as grey boxes."""
     from xml.sax.saxutils import escape
 
     width, left, right, top, row_h, gap = 1200.0, 70.0, 20.0, 50.0, 28.0, 6.0

@@ -11,122 +11,91 @@ pipeline workers) run a fixed compute loop, first alone, then exchanging one mes
 compute unit in both directions, received one unit later as the executor does (receives
 posted ahead into freshly allocated buffers, sends waited for after the answer). A
 message is what one Send / Recv action moves: one or more tensors posted together. The
-extra time per unit is one sent and one received message on each rank; a least-squares
-fit over message shapes (1 tensor of 64 KiB, 1 MiB, 8 MiB; 16 tensors of 64 KiB) gives
-seconds per message, per tensor and per byte. The result is cached per process and, for
-a day, on disk (`copy_cost_cache_path`), so that the CLI, torchrun and repeated runs on
-one machine do not each spend the probe's ~7 s; delete the file to measure again.
+extra time per unit is one sent and one received message on each rank. It is measured on
+a grid of message shapes, 1, 8 and 64 tensors × 64 KiB, 1 MiB, 16 MiB and 64 MiB in
+all (a compute unit grows with the message, so that it still has a whole unit to
+arrive), and the simulator interpolates between them (`passes.copy_cost.MeasuredCopyCost`).
+Three linear terms fitted on small messages, as this probe did before, charged a
+pipeline's 100-tensor, 190 MiB boundary 81 ms where it costs 50 ms. The result is
+cached per process and, for a day, on disk (`copy_cost_cache_path`), so that the CLI,
+torchrun and repeated runs on one machine do not each spend the probe's ~20 s; delete
+the file to measure again.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from janus_compile.passes.copy_cost import CopyCost, CopyModel, MeasuredCopyCost, copy_cost_from_json
 from .malloc_tuning import USER_VARIABLES
+
+__all__ = ["CopyCost", "MeasuredCopyCost", "measure_copy_cost", "copy_cost_cache_path", "PROBE_TENSORS", "PROBE_BYTES"]
 
 log = logging.getLogger(__name__)
 
-Shape = Tuple[int, int]  # (tensors per message, bytes per tensor)
-PROBE_SHAPES: Tuple[Shape, ...] = ((1, 1 << 16), (1, 1 << 20), (1, 1 << 23), (16, 1 << 16))
-PROBE_UNITS = 16  # compute units (and messages each way) per timed run
+Shape = Tuple[int, int]  # (tensors per message, bytes in all)
+PROBE_TENSORS: Tuple[int, ...] = (1, 8, 64)
+PROBE_BYTES: Tuple[int, ...] = (1 << 16, 1 << 20, 1 << 24, 1 << 26)
+PROBE_UNITS = 16  # compute units (and messages each way) per timed run of small messages
 PROBE_REPEATS = 3  # runs of each shape, interleaved; the median is kept
-UNIT_MATRIX = 700  # float64 matmul side of one compute unit: ~10 ms on one core, so that a
-# message has time to arrive and what is left is the CPU it takes
-PROBE_VERSION = 2  # part of the disk cache's key: a changed probe measures again
+UNIT_MATRIX = 700  # float64 matmul side: ~7-10 ms on one core, so that a message of up to
+# BYTES_PER_MATMUL has time to arrive and what is left is the CPU it takes
+BYTES_PER_MATMUL = 8 << 20  # a larger message gets a unit of more matmuls
+PROBE_VERSION = 3  # part of the disk cache's key: a changed probe measures again
 DISK_CACHE_TTL_S = 24 * 3600.0  # how long a measurement on disk is reused
 
 
-@dataclass(frozen=True)
-class CopyCost:
-    """CPU seconds a rank spends on one message it sends or receives: ``per_message_s``
-    (waking gloo's threads), plus ``per_tensor_s`` for each tensor in it, plus
-    ``per_byte_s`` × its bytes (the kernel's copies)."""
-
-    per_message_s: float = 0.0
-    per_tensor_s: float = 0.0
-    per_byte_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (self.per_message_s >= 0 and self.per_tensor_s >= 0 and self.per_byte_s >= 0):
-            raise ValueError(f"copy costs must be >= 0, got {self}")
-
-    def of(self, tensors: int, nbytes: float) -> float:
-        """One message of ``tensors`` tensors and ``nbytes`` bytes in all."""
-        return self.per_message_s + tensors * self.per_tensor_s + nbytes * self.per_byte_s
-
-    @property
-    def free(self) -> bool:
-        return self.per_message_s == 0 and self.per_tensor_s == 0 and self.per_byte_s == 0
-
-    def describe(self) -> str:
-        if self.free:
-            return "not charged"
-        gbs = f"{1e-9 / self.per_byte_s:.3g} GB/s" if self.per_byte_s > 0 else "no per-byte cost"
-        return f"{1e6 * self.per_message_s:.3g} µs per message + {1e6 * self.per_tensor_s:.3g} µs per tensor + {gbs}"
+def _matmuls_per_unit(nbytes: int) -> int:
+    return max(1, math.ceil(nbytes / BYTES_PER_MATMUL))
 
 
-def fit_copy_cost(extra_per_unit: Dict[Shape, float]) -> CopyCost:
-    """Least-squares fit of extra seconds per unit = 2 × (message + n × tensor + n × size ×
-    byte) over message shapes (n tensors of ``size`` bytes): a unit carries one sent and one
-    received message per rank. Terms the noise drives negative are refitted as 0."""
-    pts = sorted(extra_per_unit.items())
-    if len({s for (_, s), _ in pts}) < 2 or len({n for (n, _), _ in pts}) < 2:
-        raise ValueError(f"need two tensor sizes and two tensor counts to fit a copy cost, got shapes {[k for k, _ in pts]}")
-    a = np.array([[2.0, 2.0 * n, 2.0 * n * s] for (n, s), _ in pts])
-    y = np.array([t for _, t in pts])
-    keep = [0, 1, 2]
-    while True:
-        coef = np.zeros(3)
-        if keep:
-            coef[keep] = np.linalg.lstsq(a[:, keep], y, rcond=None)[0]
-        negative = [k for k in keep if coef[k] < 0]
-        if not negative:
-            break
-        keep.remove(min(negative, key=lambda k: coef[k] * a[:, k].mean()))
-    return CopyCost(per_message_s=float(coef[0]), per_tensor_s=float(coef[1]), per_byte_s=float(coef[2]))
+def _units_per_run(matmuls: int, units: int) -> int:
+    """Fewer units of a larger size: a run of large messages stays ~1 s."""
+    return max(8, units // matmuls)
 
 
-def _probe_worker(rank: int, world: int, shapes: Sequence[Shape], units: int, repeats: int) -> Dict[Shape, List[float]]:
-    """Seconds per run of ``units`` compute units, per message shape ((0, 0): no messages)."""
+def _probe_worker(rank: int, world: int, shapes: Sequence[Shape], units: int, repeats: int) -> Dict[Shape, float]:
+    """Extra seconds per compute unit that each message shape costs this rank (the
+    median over ``repeats`` runs, less the median of runs of the same units alone)."""
     peer = 1 - rank
     a = torch.rand(UNIT_MATRIX, UNIT_MATRIX, dtype=torch.float64)
     out = torch.empty_like(a)
 
     def tensors(shape: Shape, fill: float) -> List[torch.Tensor]:
-        n, size = shape
-        return [torch.full((size // 8,), fill, dtype=torch.float64) for _ in range(n)]
+        n, total = shape
+        return [torch.full((total // n // 8,), fill, dtype=torch.float64) for _ in range(n)]
 
     send_bufs_of = {shape: tensors(shape, 1.0) for shape in shapes}
 
     def posted_receives(shape: Shape) -> List:
         # a fresh buffer per message, as the executor allocates one per received tensor:
         # whatever the allocator costs for that (page faults) is part of a message's cost
-        n, size = shape
-        return [dist.irecv(torch.empty(size // 8, dtype=torch.float64), src=peer) for _ in range(n)]
+        n, total = shape
+        return [dist.irecv(torch.empty(total // n // 8, dtype=torch.float64), src=peer) for _ in range(n)]
 
-    def run(shape: Shape) -> float:
+    def run(shape: Optional[Shape], matmuls: int, count: int) -> float:
         dist.barrier()
         t0 = time.perf_counter()
-        if shape == (0, 0):
-            for _ in range(units):
+        if shape is None:
+            for _ in range(count * matmuls):
                 torch.mm(a, a, out=out)
         else:
             send_bufs = send_bufs_of[shape]
             recvs = posted_receives(shape)
             sent: List = []
-            for i in range(units):
-                torch.mm(a, a, out=out)
+            for i in range(count):
+                for _ in range(matmuls):
+                    torch.mm(a, a, out=out)
                 if i > 0:  # message i-1 had a whole unit to arrive
                     for w in recvs:
                         w.wait()
@@ -138,17 +107,25 @@ def _probe_worker(rank: int, world: int, shapes: Sequence[Shape], units: int, re
                 w.wait()
         return time.perf_counter() - t0
 
-    every = ((0, 0), *shapes)
-    for shape in every:  # warm-up: allocations, connections
-        run(shape)
-    times: Dict[Shape, List[float]] = {shape: [] for shape in every}
+    sizes = sorted({_matmuls_per_unit(s) for _, s in shapes})
+    for shape in shapes:  # warm-up: allocations, connections
+        run(shape, _matmuls_per_unit(shape[1]), 2)
+    alone: Dict[int, List[float]] = {m: [] for m in sizes}
+    times: Dict[Shape, List[float]] = {shape: [] for shape in shapes}
     for _ in range(repeats):
-        for shape in every:
-            times[shape].append(run(shape))
-    return times
+        for m in sizes:
+            alone[m].append(run(None, m, _units_per_run(m, units)))
+        for shape in shapes:
+            m = _matmuls_per_unit(shape[1])
+            times[shape].append(run(shape, m, _units_per_run(m, units)))
+    extra = {}
+    for shape in shapes:
+        m = _matmuls_per_unit(shape[1])
+        extra[shape] = (statistics.median(times[shape]) - statistics.median(alone[m])) / _units_per_run(m, units)
+    return extra
 
 
-_CACHE: Dict[Tuple, CopyCost] = {}
+_CACHE: Dict[Tuple, CopyModel] = {}
 
 
 def copy_cost_cache_path() -> Path:
@@ -165,17 +142,17 @@ def _disk_key(key: Tuple) -> str:
     return json.dumps([platform.node(), os.cpu_count(), torch.__version__, malloc, probe])
 
 
-def _read_disk(key: Tuple) -> Optional[CopyCost]:
+def _read_disk(key: Tuple) -> Optional[CopyModel]:
     try:
         entry = json.loads(copy_cost_cache_path().read_text()).get(_disk_key(key))
         if entry and time.time() - float(entry["measured_at"]) < DISK_CACHE_TTL_S:
-            return CopyCost(**entry["cost"])
+            return copy_cost_from_json(entry["cost"])
     except (OSError, ValueError, TypeError, KeyError):  # no file, unreadable or from another version
         pass
     return None
 
 
-def _write_disk(key: Tuple, cost: CopyCost) -> None:
+def _write_disk(key: Tuple, cost: CopyModel) -> None:
     """Atomically add this measurement (a cache: failing to write it loses nothing)."""
     path = copy_cost_cache_path()
     try:
@@ -183,7 +160,7 @@ def _write_disk(key: Tuple, cost: CopyCost) -> None:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             data = {}
-        data[_disk_key(key)] = {"measured_at": time.time(), "cost": asdict(cost)}
+        data[_disk_key(key)] = {"measured_at": time.time(), "cost": cost.to_json()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -193,15 +170,17 @@ def _write_disk(key: Tuple, cost: CopyCost) -> None:
 
 
 def measure_copy_cost(
-    shapes: Sequence[Shape] = PROBE_SHAPES,
+    tensors: Sequence[int] = PROBE_TENSORS,
+    nbytes: Sequence[int] = PROBE_BYTES,
     units: int = PROBE_UNITS,
     repeats: int = PROBE_REPEATS,
-    timeout_s: float = 120.0,
+    timeout_s: float = 300.0,
     disk_cache: bool = True,
-) -> CopyCost:
-    """What a gloo message costs a busy CPU rank: measured once per process, reused from
-    disk for a day with ``disk_cache`` (the same machine, torch and probe)."""
-    key = (tuple(shapes), units, repeats)
+) -> MeasuredCopyCost:
+    """What a gloo message costs a busy CPU rank, on the grid ``tensors`` × ``nbytes``
+    (total bytes per message): measured once per process, reused from disk for a day
+    with ``disk_cache`` (the same machine, torch and probe)."""
+    key = (tuple(tensors), tuple(nbytes), units, repeats)
     if key in _CACHE:
         return _CACHE[key]
     cached = _read_disk(key) if disk_cache else None
@@ -211,17 +190,21 @@ def measure_copy_cost(
         return cached
     from .launch import launch_local
 
+    shapes = [(n, int(b)) for n in tensors for b in nbytes]
+    bad = [s for s in shapes if s[1] // s[0] < 8]
+    if bad:
+        raise ValueError(f"copy probe: every tensor needs at least 8 bytes, got (tensors, bytes) {bad}")
+    log.info("copy probe: measuring %d message shapes on two gloo processes (~20 s, once a day)", len(shapes))
     t0 = time.perf_counter()
     results = launch_local(_probe_worker, 2, args=(tuple(shapes), units, repeats), timeout_s=timeout_s)
-    extra: Dict[Shape, float] = {}
-    for shape in shapes:
-        # the pipeline waits for the slower rank
-        extra[shape] = max((statistics.median(t[shape]) - statistics.median(t[(0, 0)])) / units for t in results)
-    cost = fit_copy_cost(extra)
-    unit = max(statistics.median(t[(0, 0)]) for t in results) / units
+    # the pipeline waits for the slower rank; a unit is one sent and one received message
+    per_message = {shape: max(0.0, max(r[shape] for r in results) / 2) for shape in shapes}
+    cost = MeasuredCopyCost(
+        tuple(tensors), tuple(float(b) for b in nbytes), tuple(tuple(per_message[(n, int(b))] for b in nbytes) for n in tensors)
+    )
     log.info(
-        "copy probe (%.1f s): compute unit %.2f ms, extra per unit %s -> %s",
-        time.perf_counter() - t0, 1e3 * unit, {f"{n}x{s}B": f"{1e3 * t:.3f} ms" for (n, s), t in extra.items()}, cost.describe(),
+        "copy probe (%.1f s): per message %s -> %s",
+        time.perf_counter() - t0, {f"{n}x{b}B": f"{1e3 * t:.3f} ms" for (n, b), t in per_message.items()}, cost.describe(),
     )
     _CACHE[key] = cost
     if disk_cache:

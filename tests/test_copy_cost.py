@@ -22,7 +22,8 @@ from janus_compile.passes.wavek import (
     simulate,
     wavek,
 )
-from janus_compile.runtime.copy_probe import CopyCost, fit_copy_cost, measure_copy_cost
+from janus_compile.passes.copy_cost import CopyCost, MeasuredCopyCost, copy_cost_from_json
+from janus_compile.runtime.copy_probe import measure_copy_cost
 
 PHASES = {"F": 1.0, "G": 1.5, "GG": 2.0, "FB": 1.2}
 
@@ -33,7 +34,7 @@ def _chain(
     dag = PipelineDAG.synthetic(
         2, 1, microbatches, phase_cost=PHASES, boundary_bytes=boundary, stash_bytes=5e5, bandwidth_bytes_per_s=1e9, latency_s=1e-3
     )
-    return dataclasses.replace(dag, copy_s_per_message=per_message, copy_s_per_tensor=per_tensor, copy_s_per_byte=per_byte)
+    return dataclasses.replace(dag, copy_cost=CopyCost(per_message, per_tensor, per_byte))
 
 
 def test_one_microbatch_pays_every_copy_on_its_critical_path():
@@ -55,7 +56,7 @@ def test_free_copies_change_nothing():
     dag = _chain(4)
     programs = make_programs(dag, "wavek")
     plain = simulate(programs, dag)
-    charged = simulate(programs, dataclasses.replace(dag, copy_s_per_message=0.0, copy_s_per_byte=0.0))
+    charged = simulate(programs, dataclasses.replace(dag, copy_cost=CopyCost()))
     assert plain.makespan == charged.makespan and not charged.copies
 
 
@@ -68,7 +69,7 @@ def test_copies_make_every_schedule_slower_by_at_most_their_total(schedule):
         )
     else:
         base = _chain(4)
-    charged = dataclasses.replace(base, copy_s_per_message=0.01, copy_s_per_tensor=0.002, copy_s_per_byte=1e-9)
+    charged = dataclasses.replace(base, copy_cost=CopyCost(0.01, 0.002, 1e-9))
     orders = schedule(base)
     before = simulate(build_programs(base, orders), base)
     after = simulate(build_programs(charged, orders), charged)
@@ -86,7 +87,7 @@ def test_more_messages_cost_more():
     message cost, its simulated step grows by more."""
     def step(k: int, per_message: float) -> float:
         dag = PipelineDAG.synthetic(2, k, 8, phase_cost=PHASES, boundary_bytes=1e6, stash_bytes=5e5, bandwidth_bytes_per_s=1e9)
-        dag = dataclasses.replace(dag, copy_s_per_message=per_message)
+        dag = dataclasses.replace(dag, copy_cost=CopyCost(per_message))
         return simulate(make_programs(dag, "wavek"), dag).makespan
 
     grow = {k: step(k, 0.05) - step(k, 0.0) for k in (1, 2)}
@@ -96,11 +97,17 @@ def test_more_messages_cost_more():
 def test_copy_costs_survive_the_program_meta():
     dag = _chain(2, 3e-5, 2e-10, per_tensor=4e-6)
     back = PipelineDAG.from_description(dag.describe())
-    assert (back.copy_s_per_message, back.copy_s_per_tensor, back.copy_s_per_byte) == (3e-5, 4e-6, 2e-10)
+    assert back.copy_cost == CopyCost(3e-5, 4e-6, 2e-10)
+    measured = dataclasses.replace(dag, copy_cost=_grid())
+    assert PipelineDAG.from_description(measured.describe()).copy_cost == _grid()
+    # programs stored before the measured model carry the three linear terms
+    old = {k: v for k, v in dag.describe().items() if k != "copy_cost"}
+    old.update(copy_s_per_message=3e-5, copy_s_per_tensor=4e-6, copy_s_per_byte=2e-10)
+    assert PipelineDAG.from_description(old).copy_cost == CopyCost(3e-5, 4e-6, 2e-10)
 
 
 def test_a_message_of_many_tensors_pays_one_message_and_each_tensor():
-    dag = dataclasses.replace(_chain(1), nbytes={"a": 100.0, "b": 300.0}, copy_s_per_message=1.0, copy_s_per_tensor=0.1, copy_s_per_byte=0.01)
+    dag = dataclasses.replace(_chain(1), nbytes={"a": 100.0, "b": 300.0}, copy_cost=CopyCost(1.0, 0.1, 0.01))
     assert dag.copy_time(("a", "b")) == pytest.approx(1.0 + 2 * 0.1 + 400 * 0.01)
     assert dag.copy_time(()) == 0.0
 
@@ -114,21 +121,48 @@ def test_negative_copy_costs_are_refused():
         CopyCost(per_byte_s=-1e-9)
 
 
-def test_fit_recovers_the_three_terms_and_halves_them_per_side():
-    a, t, b = 4e-5, 6e-6, 3e-10  # per side: message, tensor, byte
-    shapes = [(1, 1 << 16), (1, 1 << 20), (1, 1 << 23), (16, 1 << 16)]
-    cost = fit_copy_cost({(n, s): 2 * (a + n * t + n * s * b) for n, s in shapes})
-    assert cost.per_message_s == pytest.approx(a, rel=1e-6)
-    assert cost.per_tensor_s == pytest.approx(t, rel=1e-6)
-    assert cost.per_byte_s == pytest.approx(b, rel=1e-6)
-    assert cost.of(16, 16 << 16) == pytest.approx(a + 16 * t + (16 << 16) * b)
-    assert "µs per message" in cost.describe() and "GB/s" in cost.describe()
-    # a term the noise drives negative is dropped and the rest refitted
-    noisy = fit_copy_cost({(n, s): 2 * (a + n * s * b) - (n - 1) * 1e-5 for n, s in shapes})
-    assert noisy.per_tensor_s == 0.0 and noisy.per_message_s > 0 and noisy.per_byte_s > 0
-    assert fit_copy_cost({(1, 1): -1e-4, (2, 2): -2e-4}).free
-    with pytest.raises(ValueError, match="two tensor sizes and two tensor counts"):
-        fit_copy_cost({(1, 1): 1.0, (1, 2): 2.0})
+def _grid() -> MeasuredCopyCost:
+    # seconds per message at 1 and 8 tensors × 1 kB, 1 MB and 9 MB
+    return MeasuredCopyCost((1, 8), (1e3, 1e6, 9e6), ((1e-4, 3e-4, 2.3e-3), (5e-4, 6e-4, 2.6e-3)))
+
+
+def test_measured_copy_cost_interpolates_between_and_extrapolates_beyond_its_grid():
+    g = _grid()
+    for i, n in enumerate(g.tensors):  # exact on the grid
+        for j, b in enumerate(g.nbytes):
+            assert g.of(n, b) == pytest.approx(g.seconds[i][j], rel=1e-12)
+    assert g.of(1, 5e6) == pytest.approx(1.3e-3)  # linear in bytes between two sizes
+    assert g.of(4, 1e6) == pytest.approx(3e-4 + (3 / 7) * 3e-4)  # and in tensors between two counts
+    assert g.of(1, 10) == g.of(1, 1e3) == pytest.approx(1e-4)  # below the smallest: a message's fixed cost
+    assert g.of(1, 17e6) == pytest.approx(2.3e-3 + 8e6 * 2e-3 / 8e6)  # beyond: the last slope per byte
+    assert g.of(15, 1e6) == pytest.approx(6e-4 + 7 * (3e-4 / 7))  # beyond in tensors: the last slope per tensor
+    assert g.of(0, 1e6) == 0.0 and not g.free
+    assert MeasuredCopyCost((1,), (0.0,), ((0.0,),)).free
+    assert "message shapes" in g.describe() and "GB/s" in g.describe()
+    assert copy_cost_from_json(g.to_json()) == g
+    assert copy_cost_from_json(CopyCost(1e-4, 2e-6, 1e-9).to_json()) == CopyCost(1e-4, 2e-6, 1e-9)
+
+
+def test_measured_copy_cost_is_made_non_decreasing_in_bytes_and_checked():
+    noisy = MeasuredCopyCost((1,), (1e3, 1e6, 9e6), ((4e-4, 3e-4, 2e-3),))
+    assert noisy.seconds == ((4e-4, 4e-4, 2e-3),)
+    with pytest.raises(ValueError, match="increasing tensor counts"):
+        MeasuredCopyCost((8, 1), (1e3,), ((1e-4,), (1e-4,)))
+    with pytest.raises(ValueError, match="2 rows of 1 seconds"):
+        MeasuredCopyCost((1, 8), (1e3,), ((1e-4,),))
+    with pytest.raises(ValueError, match="copy costs must be >= 0"):
+        MeasuredCopyCost((1,), (1e3,), ((-1e-4,),))
+    with pytest.raises(ValueError, match="unknown copy-cost kind"):
+        copy_cost_from_json({"kind": "guess"})
+
+
+def test_a_measured_copy_cost_is_charged_per_message_in_the_simulation():
+    """The simulator charges what the grid says for each message's tensors and bytes."""
+    dag = dataclasses.replace(_chain(1), copy_cost=_grid())
+    programs = build_programs(dag, gpipe(dag))
+    res = simulate(programs, dag)
+    assert len(res.copies) == 8
+    assert all(t1 - t0 == pytest.approx(_grid().of(1, 1e6)) for _, t0, t1, _ in res.copies)
 
 
 def test_copy_cost_option():
@@ -144,18 +178,21 @@ def test_copy_cost_option():
 
 
 def test_probe_measures_a_cost_on_busy_cpu_ranks(tmp_path, monkeypatch):
-    """Two real gloo processes: an 8 MiB message each way per compute unit takes CPU from
-    both ranks, so the per-byte cost is positive and within physical reason. The result is
+    """Two real gloo processes (a 2 × 2 grid, to keep it short; the default grid is the
+    same code on 3 × 4 shapes): a 4 MiB message each way per compute unit takes more CPU
+    from the ranks than a 64 KiB one, at a rate within physical reason. The result is
     kept for the process and on disk, and read back from disk without a new probe."""
     from janus_compile.runtime import copy_probe
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(copy_probe, "_CACHE", {})
-    cost = measure_copy_cost()
-    assert all(math.isfinite(c) and c >= 0 for c in (cost.per_message_s, cost.per_tensor_s))
-    assert cost.per_byte_s > 0
-    assert 0.05 < 1e-9 / cost.per_byte_s < 200  # GB/s a core can copy through loopback TCP
-    assert measure_copy_cost() is cost  # measured once per process
+    grid = dict(tensors=(1, 4), nbytes=(1 << 16, 1 << 22))
+    cost = measure_copy_cost(**grid)
+    assert cost.tensors == (1, 4) and cost.nbytes == (1 << 16, 1 << 22)
+    small, large = cost.of(1, 1 << 16), cost.of(1, 1 << 22)
+    assert 0 < small < large < 1.0
+    assert 0.05 < (1 << 22) / large / 1e9 < 200  # GB/s a core can copy through loopback TCP
+    assert measure_copy_cost(**grid) is cost  # measured once per process
     assert copy_probe.copy_cost_cache_path() == tmp_path / "januspipe" / "copy_cost.json"
     assert copy_probe.copy_cost_cache_path().exists()
 
@@ -164,10 +201,10 @@ def test_probe_measures_a_cost_on_busy_cpu_ranks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(copy_probe, "_CACHE", {})
     monkeypatch.setattr("janus_compile.runtime.launch.launch_local", no_probe)
-    assert measure_copy_cost() == cost  # another process on this machine: from disk
+    assert measure_copy_cost(**grid) == cost  # another process on this machine: from disk
     # a day later the measurement is stale
     monkeypatch.setattr(copy_probe.time, "time", lambda: 2e10)
-    key = (copy_probe.PROBE_SHAPES, copy_probe.PROBE_UNITS, copy_probe.PROBE_REPEATS)
+    key = ((1, 4), (1 << 16, 1 << 22), copy_probe.PROBE_UNITS, copy_probe.PROBE_REPEATS)
     assert copy_probe._read_disk(key) is None
 
 
@@ -212,9 +249,10 @@ def test_trainer_charges_the_copy_cost_it_is_given():
     free = PipelineTrainer(model(), batch, stages=2, microbatches=2, copy_cost=None, calibrate=False)
     dear = PipelineTrainer(model(), batch, stages=2, microbatches=2, copy_cost=(1e5, 0, 1e3), calibrate=False)
     assert free.partition.chunk_of_unit == dear.partition.chunk_of_unit
-    assert dear.dag.copy_s_per_message == pytest.approx(0.1) and dear.dag.copy_s_per_byte == pytest.approx(1e-12)
-    assert free.dag.copy_s_per_message == free.dag.copy_s_per_byte == 0.0
+    charged = dear.dag.copy_cost
+    assert (charged.per_message_s, charged.per_tensor_s, charged.per_byte_s) == (pytest.approx(0.1), 0.0, pytest.approx(1e-12))
+    assert free.dag.copy_cost.free
     messages = sum(len(a.tensors) for p in dear.programs.programs for a in p.actions if type(a).__name__ in ("Send", "Recv"))
     gap = dear.programs.meta["simulated"]["makespan_s"] - free.programs.meta["simulated"]["makespan_s"]
     assert 0.1 < gap <= messages * 0.1 + 1.0  # some message on the critical path, at most all of them
-    assert dear.programs.meta["copy_s_per_message"] == pytest.approx(0.1)
+    assert dear.programs.meta["copy_cost"]["per_message_s"] == pytest.approx(0.1)
