@@ -190,7 +190,7 @@ def test_probe_measures_a_cost_on_busy_cpu_ranks(tmp_path, monkeypatch):
     cost = measure_copy_cost(**grid)
     assert cost.tensors == (1, 4) and cost.nbytes == (1 << 16, 1 << 22)
     small, large = cost.of(1, 1 << 16), cost.of(1, 1 << 22)
-    assert 0 < small < large < 1.0
+    assert 0 <= small < large < 1.0  # a 64 KiB message can be lost in the timing noise; 4 MiB cannot
     assert 0.05 < (1 << 22) / large / 1e9 < 200  # GB/s a core can copy through loopback TCP
     assert measure_copy_cost(**grid) is cost  # measured once per process
     assert copy_probe.copy_cost_cache_path() == tmp_path / "januspipe" / "copy_cost.json"
