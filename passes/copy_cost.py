@@ -16,6 +16,7 @@ Kept apart from the probe so that the schedule passes need no torch.distributed.
 from __future__ import annotations
 
 import bisect
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
@@ -54,13 +55,14 @@ class CopyCost:
         return {"kind": "linear", "per_message_s": self.per_message_s, "per_tensor_s": self.per_tensor_s, "per_byte_s": self.per_byte_s}
 
 
-def _segment(xs: Sequence[float], x: float) -> Tuple[int, float]:
-    """Index i and weight w with x = (1 - w) xs[i] + w xs[i + 1]; w < 0 or > 1 outside
-    (extrapolated along the first or last segment); one point: (0, 0)."""
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """ys at x, linear between the points of xs (increasing) and along the first or last
+    segment outside them; a single point is constant."""
     if len(xs) == 1:
-        return 0, 0.0
+        return ys[0]
     i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
-    return i, (x - xs[i]) / (xs[i + 1] - xs[i])
+    w = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return (1 - w) * ys[i] + w * ys[i + 1]
 
 
 @dataclass(frozen=True)
@@ -84,47 +86,32 @@ class MeasuredCopyCost:
             raise ValueError(f"a measured copy cost needs increasing tensor counts >= 1 and sizes >= 0, got {t} and {b}")
         if len(s) != len(t) or any(len(row) != len(b) for row in s):
             raise ValueError(f"a measured copy cost needs {len(t)} rows of {len(b)} seconds, got {[len(r) for r in s]}")
-        rows = []
-        for row in s:
-            if not all(x >= 0 for x in row):
-                raise ValueError(f"copy costs must be >= 0, got {row}")
-            mono, top = [], 0.0
-            for x in row:
-                top = max(top, float(x))
-                mono.append(top)
-            rows.append(tuple(mono))
+        if any(x < 0 for row in s for x in row):
+            raise ValueError(f"copy costs must be >= 0, got {s}")
+        rows = tuple(tuple(accumulate((float(x) for x in row), max)) for row in s)
         object.__setattr__(self, "tensors", t)
         object.__setattr__(self, "nbytes", b)
-        object.__setattr__(self, "seconds", tuple(rows))
-
-    def _row(self, i: int, nbytes: float) -> float:
-        row, b = self.seconds[i], self.nbytes
-        if nbytes <= b[0] or len(b) == 1:
-            return row[0]
-        j, w = _segment(b, nbytes)
-        return max(0.0, (1 - w) * row[j] + w * row[j + 1])
+        object.__setattr__(self, "seconds", rows)
 
     def of(self, tensors: int, nbytes: float) -> float:
         """One message of ``tensors`` tensors and ``nbytes`` bytes in all."""
         if tensors <= 0:
             return 0.0
-        n = max(float(tensors), float(self.tensors[0]))
-        i, w = _segment(self.tensors, n)
-        if len(self.tensors) == 1:
-            return self._row(0, nbytes)
-        return max(0.0, (1 - w) * self._row(i, nbytes) + w * self._row(i + 1, nbytes))
+        size = max(float(nbytes), self.nbytes[0])  # below the smallest: a message's fixed cost
+        per_count = [_interpolate(self.nbytes, row, size) for row in self.seconds]
+        return max(0.0, _interpolate(self.tensors, per_count, max(tensors, self.tensors[0])))
 
     @property
     def free(self) -> bool:
         return all(x == 0 for row in self.seconds for x in row)
 
     def describe(self) -> str:
-        big = self.nbytes[-1]
-        rate = big / self.of(self.tensors[-1], big) / 1e9 if self.of(self.tensors[-1], big) > 0 else float("inf")
+        small, big = self.seconds[0][0], self.seconds[-1][-1]
+        rate = f"{self.nbytes[-1] / big / 1e9:.3g} GB/s" if big > 0 else "free"
         return (
             f"measured on {len(self.tensors)}×{len(self.nbytes)} message shapes: "
-            f"{1e6 * self.of(self.tensors[0], self.nbytes[0]):.3g} µs for {self.tensors[0]} tensor of {_size(self.nbytes[0])}, "
-            f"{1e3 * self.of(self.tensors[-1], big):.3g} ms for {self.tensors[-1]} tensors in {_size(big)} ({rate:.3g} GB/s)"
+            f"{1e6 * small:.3g} µs for {self.tensors[0]} tensor of {_size(self.nbytes[0])}, "
+            f"{1e3 * big:.3g} ms for {self.tensors[-1]} tensors in {_size(self.nbytes[-1])} ({rate})"
         )
 
     def to_json(self) -> Dict[str, Any]:

@@ -36,10 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from janus_compile.passes.copy_cost import CopyCost, CopyModel, MeasuredCopyCost, copy_cost_from_json
+from janus_compile.passes.copy_cost import CopyModel, MeasuredCopyCost, copy_cost_from_json
 from .malloc_tuning import USER_VARIABLES
-
-__all__ = ["CopyCost", "MeasuredCopyCost", "measure_copy_cost", "copy_cost_cache_path", "PROBE_TENSORS", "PROBE_BYTES"]
 
 log = logging.getLogger(__name__)
 
