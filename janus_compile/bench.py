@@ -93,6 +93,9 @@ class BenchConfig:
     # After the timed runs, one more step per schedule with every tensor allocation
     # recorded (runtime/memory_probe.py): the measured peak the memory replay predicts
     allocator_probe: bool = True
+    # per-op cost models timed on another device (`januspipe calibrate --out FILE`); None:
+    # the simulation calibrates on this machine
+    sim_costs: Optional[str] = None
     sim_bandwidth_gbs: float = 25.0
     sim_latency_us: float = 20.0
     timeout_s: float = 600.0
@@ -498,9 +501,22 @@ class _SimModel:
     state_bytes: int  # parameters, gradients and Adam moments: what every rank holds
 
 
-def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[Any]) -> _SimModel:
-    """Capture the joint graph of ``name`` with ``layers`` blocks and calibrate its per-node
-    times on this machine (on two micro-batch sizes; evaluated at the first one's)."""
+def sim_microbatches(cfg: BenchConfig) -> List[Any]:
+    """The simulation's two calibration micro-batches (evaluated at the first one's sizes).
+    A one-structure micro-batch is captured for exactly one structure (a size guard), so
+    its second size is another structure, not two."""
+    S = cfg.mb_structures
+    structures = bench_structures(cfg, 3 * S)
+    return [_batch(cfg, structures[:S]), _batch(cfg, structures[S : 3 * S] if S > 1 else structures[1:2])]
+
+
+def _prepare_sim_model(
+    cfg: BenchConfig, name: str, layers: int, mbs: Sequence[Any], cost_model: Any = None, time_scale: float = 1.0
+) -> _SimModel:
+    """Capture the joint graph of ``name`` with ``layers`` blocks and price its nodes: with
+    ``cost_model`` (timed on another device, `januspipe calibrate`), its times multiplied
+    by ``time_scale`` (`device_costs.load_device_costs`), else calibrated on this machine
+    (on two micro-batch sizes; evaluated at the first one's)."""
     import janus_compile
 
     from .compiled import size_values_from_batch
@@ -511,9 +527,12 @@ def _prepare_sim_model(cfg: BenchConfig, name: str, layers: int, mbs: Sequence[A
     model = build_bench_model(name, cfg.hidden, layers, cfg.cutoff, cfg.dtype, cfg.seed)
     compiled = janus_compile.compile(model, mbs[0])
     joint = compiled.joint_graph(mbs[0])
-    cm = calibrate(joint, dict(model.named_parameters()), dict(model.named_buffers()), list(mbs), repeats=3)
+    if cost_model is not None:
+        cm = cost_model
+    else:
+        cm = calibrate(joint, dict(model.named_parameters()), dict(model.named_buffers()), list(mbs), repeats=3)
     sizes = size_values_from_batch(mbs[0])
-    node_times = cm.times(joint.gm.graph, sizes)
+    node_times = {n: t * time_scale for n, t in cm.times(joint.gm.graph, sizes).items()}
     units = build_units(joint.gm.graph, min_units=10**9)
     return _SimModel(layers, joint, node_times, sizes, len(units.names), time.perf_counter() - t0, optimizer_state_bytes(model))
 
@@ -599,10 +618,13 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
     from .passes.wavek import PipelineDAG
 
     S = cfg.mb_structures
-    structures = bench_structures(cfg, 3 * S)
-    # calibrate on two sizes; a one-structure micro-batch is captured for exactly one
-    # structure (a size guard), so its second size is another structure, not two
-    mbs = [_batch(cfg, structures[:S]), _batch(cfg, structures[S : 3 * S] if S > 1 else structures[1:2])]
+    mbs = sim_microbatches(cfg)
+    costs = None
+    if cfg.sim_costs:
+        from .device_costs import check_costs_cover, load_device_costs
+
+        costs = load_device_costs(cfg.sim_costs)
+        check_costs_cover(costs, cfg.sim_models, _sizes_of(mbs[0]), cfg.sim_costs, cfg.dtype)
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     bandwidth, latency = cfg.sim_bandwidth_gbs * 1e9, cfg.sim_latency_us * 1e-6
@@ -612,10 +634,12 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
 
         def get(layers: int) -> _SimModel:
             if layers not in cache:
-                cache[layers] = _prepare_sim_model(cfg, name, layers, mbs)
+                given = (costs["models"][name], costs["scales"][name]) if costs else (None, 1.0)
+                cache[layers] = _prepare_sim_model(cfg, name, layers, mbs, *given)
                 if progress:
                     sm = cache[layers]
-                    print(f"  [sim] {name} with {layers} blocks: {sm.max_units} units, calibrated in {sm.calibrate_s:.1f} s", flush=True)
+                    how = f"priced from {cfg.sim_costs}" if costs else "calibrated"
+                    print(f"  [sim] {name} with {layers} blocks: {sm.max_units} units, {how} in {sm.calibrate_s:.1f} s", flush=True)
             return cache[layers]
 
         base = get(cfg.layers)
@@ -691,6 +715,7 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
         "micro_batch": {"structures": S, **_sizes_of(mbs[0])},
         "bandwidth_gb_s": cfg.sim_bandwidth_gbs,
         "device_memory_gb": cfg.sim_memory_gb,
+        "costs": dict(costs["meta"], file=cfg.sim_costs) if costs else {"device": "cpu", "timed": "here"},
         "latency_us": cfg.sim_latency_us,
         "paper": PAPER_RATIOS,
     }
@@ -953,8 +978,10 @@ def report(result: Dict[str, Any]) -> str:
         out += ["## Real runs\n", markdown_real(result["real"])]
     if "simulated" in result:
         mb = result["simulated"]["micro_batch"]
+        costs = result["simulated"].get("costs", {})
+        where = "here" if costs.get("timed") == "here" or not costs else f"on {costs.get('device_name', costs.get('device'))} ({costs.get('file')})"
         out += [
-            f"## Simulated (costs calibrated here; micro-batch {mb['structures']} structures, {mb['atoms']} atoms, "
+            f"## Simulated (costs calibrated {where}; micro-batch {mb['structures']} structures, {mb['atoms']} atoms, "
             f"{mb['edges']} edges; links {result['simulated']['bandwidth_gb_s']} GB/s, {result['simulated']['latency_us']} µs)\n",
             markdown_sim(result["simulated"]),
         ]
@@ -987,6 +1014,7 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_factors=list(args.sim_factors),
         sim_chunks=list(args.sim_chunks),
         sim_ilp_time_s=args.sim_ilp_time,
+        sim_costs=args.sim_costs,
         sim_bandwidth_gbs=args.sim_bandwidth,
         sim_latency_us=args.sim_latency_us,
         equal_memory=not args.no_equal_memory,
@@ -1020,6 +1048,10 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--sim-factors", type=int, nargs="+", default=[1, 2, 4], help="simulated M = factor × P")
     p.add_argument("--sim-chunks", type=int, nargs="+", default=[1, 2], help="K tried for simulated wavek (best kept); hanayo gets 2 and those >= 2")
     p.add_argument("--sim-ilp-time", type=float, default=5.0, help="ILP time limit per solve in the simulation (s)")
+    p.add_argument(
+        "--sim-costs", default=None, metavar="FILE",
+        help="price the simulated models with cost models timed on another device (`januspipe calibrate --out FILE`) instead of calibrating here",
+    )
     p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
     p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""``januspipe`` command line: demo, train, inspect, bench, gp-bench, step-bench."""
+"""``januspipe`` command line: demo, train, inspect, bench, gp-bench, step-bench, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -154,6 +154,12 @@ def cmd_step_bench(args) -> int:
     return step_bench_main(args)
 
 
+def cmd_calibrate(args) -> int:
+    from .device_costs import main as calibrate_main
+
+    return calibrate_main(args)
+
+
 def cmd_gp_bench(args) -> int:
     from .bench_gp import main as gp_bench_main
 
@@ -221,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_step_bench_args(stb)
     stb.set_defaults(func=cmd_step_bench)
+
+    from .device_costs import add_calibrate_args
+
+    cal = sub.add_parser("calibrate", help="time each model's ops on this device (cpu or cuda) and write cost models for bench --sim-costs")
+    add_calibrate_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 
