@@ -46,7 +46,10 @@ def test_simulation_prices_nodes_with_the_file_scaled_and_calibrates_nothing(cos
         raise AssertionError("the simulation calibrated although it was given costs")
 
     monkeypatch.setattr("janus_compile.passes.cost.calibrate", no_calibration)
-    cfg = BenchConfig(hidden=8, layers=2, atoms=8, real=False, simulate=True, sim_models=["schnet"], sim_stages=[4], sim_factors=[1])
+    cfg = BenchConfig(
+        hidden=8, layers=2, atoms=8, real=False, simulate=True, sim_models=["schnet"], sim_stages=[2], sim_factors=[1],
+        sim_ilp_time_s=1.0, equal_memory=False, count_cap=False,
+    )
     base = load_device_costs(str(path))
     mbs = bench.sim_microbatches(cfg)
     plain = bench._prepare_sim_model(cfg, "schnet", 2, mbs, base["models"]["schnet"], 1.0)
@@ -80,3 +83,16 @@ def test_bad_cost_files_and_missing_models_name_the_fix(cost_file, tmp_path, cap
     with caplog.at_level(logging.WARNING):
         check_costs_cover(costs, ["schnet"], {"atoms": 1008, "edges": 39956}, str(path), "float64")
     assert "extrapolates" in caplog.text and "timed in float32" in caplog.text
+
+
+def test_calibrate_command_writes_a_file_bench_sim_costs_reads(tmp_path, capsys):
+    from janus_compile.bench import config_from_args
+    from janus_compile.cli import build_parser, main
+
+    out = tmp_path / "cpu_costs.json"
+    argv = ["calibrate", "--models", "schnet", "--hidden", "8", "--layers", "1", "--large", "0", "--atoms", "8"]
+    assert main(argv + ["--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert "| schnet | 1 |" in capsys.readouterr().out
+    assert set(load_device_costs(str(out))["models"]) == {"schnet"}
+    args = build_parser().parse_args(["bench", "--no-real", "--simulate", "--sim-costs", str(out)])
+    assert config_from_args(args).sim_costs == str(out)
