@@ -147,6 +147,17 @@ def build_bench_model(name: str, hidden: int, layers: int, cutoff: float, dtype:
     return build_model(name, **kwargs).to(DTYPES[dtype]).train()
 
 
+def add_reference_model_args(p: Any, hidden: int) -> None:
+    """``--models`` and the sizes `build_bench_model` takes, for the commands that run
+    several reference models (step-bench, calibrate)."""
+    p.add_argument("--models", nargs="+", default=["schnet", "painn", "nequip"], choices=["schnet", "painn", "nequip"])
+    p.add_argument("--hidden", type=int, default=hidden, help="feature width (schnet, painn)")
+    p.add_argument("--layers", type=int, default=4, help="interaction blocks")
+    p.add_argument("--cutoff", type=float, default=4.5, help="neighbour cutoff in Å")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+
+
 def bench_structures(cfg: BenchConfig, count: int) -> list:
     """``count`` labelled structures: EMT fcc (Cu, Al, CuAl) of ``cfg.atoms`` atoms each, or
     ``large_structure(cfg.large)`` supercells (Cu, different seeds)."""

@@ -63,10 +63,11 @@ def _bench_config(cfg: CalibrateConfig) -> Any:
 
 
 def _time_whole_graph(joint: Any, model: torch.nn.Module, batch: Any, device: torch.device, repeats: int) -> float:
-    """Median seconds of one run of the joint graph as it is (no per-node synchronisation)."""
-    params = {k: v.detach().to(device) for k, v in model.named_parameters()}
-    buffers = {k: v.detach().to(device) for k, v in model.named_buffers()}
-    flat = joint.flat_inputs(params, buffers, batch.to(device))
+    """Median seconds of one run of the joint graph as it is (no per-node synchronisation);
+    ``model`` and ``batch`` are on ``device`` already."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    flat = joint.flat_inputs(params, buffers, batch)
     cuda = device.type == "cuda"
     times: List[float] = []
     with torch.no_grad():
@@ -197,12 +198,9 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 
 def add_calibrate_args(p: Any) -> None:
-    p.add_argument("--models", nargs="+", default=["schnet", "painn", "nequip"], choices=["schnet", "painn", "nequip"])
-    p.add_argument("--hidden", type=int, default=32, help="feature width (schnet, painn)")
-    p.add_argument("--layers", type=int, default=4, help="interaction blocks")
-    p.add_argument("--cutoff", type=float, default=4.5, help="neighbour cutoff in Å")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=int, default=0)
+    from .bench import add_reference_model_args
+
+    add_reference_model_args(p, hidden=32)  # the simulation's width (bench --hidden)
     p.add_argument("--atoms", type=int, default=16, help="atoms per EMT structure (without --large)")
     p.add_argument("--large", type=int, default=1000, metavar="N", help="use >= N-atom Cu supercells, as bench --large (0: EMT structures)")
     p.add_argument("--mb-structures", type=int, default=None, help="structures per micro-batch (default as bench: 2; 1 with --large)")

@@ -264,19 +264,16 @@ def markdown(rows: Sequence[Dict[str, Any]], cfg: StepBenchConfig) -> str:
 
 
 def add_step_bench_args(p: Any) -> None:
-    p.add_argument("--models", nargs="+", default=["schnet", "painn", "nequip"], choices=["schnet", "painn", "nequip"])
-    p.add_argument("--hidden", type=int, default=64, help="feature width (schnet, painn)")
-    p.add_argument("--layers", type=int, default=4, help="interaction blocks")
-    p.add_argument("--cutoff", type=float, default=4.5, help="neighbour cutoff in Å")
+    from .bench import add_reference_model_args
+
+    add_reference_model_args(p, hidden=64)
     p.add_argument("--atoms", type=int, default=1000, help="atoms per structure (an EMT Cu supercell of at least this many)")
     p.add_argument("--structures", type=int, default=1, help="structures per batch")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows as JSON here")
 
 

@@ -16,8 +16,8 @@ Kept apart from the probe so that the schedule passes need no torch.distributed.
 from __future__ import annotations
 
 import bisect
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
 
