@@ -34,7 +34,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -82,6 +82,13 @@ class BenchConfig:
     sim_factors: List[int] = field(default_factory=lambda: [1, 2, 4])  # M = factor × P
     sim_chunks: List[int] = field(default_factory=lambda: [1, 2])  # K tried for wavek (best kept)
     sim_ilp_time_s: float = 5.0
+    # ILP time limit per solve when the real runs' trainers are planned (None: the trainer's
+    # default, `ilp_time_limit_s`); a lower one trades some balance for planning time
+    ilp_time_s: Optional[float] = None
+    # Trainers reuse an earlier trainer's capture, calibration and partitions where only
+    # the schedule differs (`PipelineTrainer(plan_like=...)`): the same run at the previous
+    # M; GPipe and WaveK at P in flight the WaveK of the same M. Off: each plans alone.
+    reuse_plans: bool = True
     # Also run WaveK at 1F1B's memory (EQUAL_MEMORY): its budget is the peak 1F1B itself
     # uses on its worst rank, replayed by passes/memory.py, in-flight caps up to 2P searched.
     # "wavek" itself keeps its default limit, memory_cap_gb="auto" (a share of the device's
@@ -109,6 +116,8 @@ class BenchConfig:
             raise ValueError(f"unknown schedule(s) {bad}; choose from {list(SCHEDULES)}")
         if self.chunks != AUTO_CHUNKS and not (isinstance(self.chunks, int) and self.chunks >= 1):
             raise ValueError(f"chunks must be a positive integer or {AUTO_CHUNKS!r}, got {self.chunks!r}")
+        if self.ilp_time_s is not None and not self.ilp_time_s > 0:
+            raise ValueError(f"ilp_time_s must be positive, got {self.ilp_time_s}")
         if not self.sim_memory_gb > 0:
             raise ValueError(f"sim_memory_gb must be positive, got {self.sim_memory_gb}")
         for name in ("stages", "repeats", "steps", "mb_structures", "atoms", "threads"):
@@ -335,18 +344,36 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
     return out
 
 
-def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
-    """One entry per M: per-schedule measurements and the throughput ratios."""
+def _plan_source(cfg: BenchConfig, name: str, built: Mapping[str, Any], previous: Mapping[str, Any]) -> Tuple[Optional[str], Any]:
+    """The trainer whose partitions run ``name`` may reuse (`BenchConfig.reuse_plans`), and
+    its run name: WaveK of this M for GPipe and WaveK at P in flight (the same SymFold
+    splits, no memory cap bounding the ILP), else the same run at the previous M. Never
+    for WaveK at 1F1B's memory: its cap, 1F1B's replayed peak, bounds its ILP."""
+    if not cfg.reuse_plans or name == EQUAL_MEMORY:
+        return None, None
+    if name in ("gpipe", COUNT_CAP) and "wavek" in built:
+        return "wavek", built["wavek"]
+    return (name, previous[name]) if name in previous else (None, None)
+
+
+def run_real(
+    cfg: BenchConfig, progress: bool = True, on_entry: Optional[Callable[[List[Dict[str, Any]]], None]] = None
+) -> List[Dict[str, Any]]:
+    """One entry per M: per-schedule measurements and the throughput ratios. ``on_entry``
+    gets the entries so far after each M (the CLI writes them out: a long run stopped
+    midway keeps the M's it finished)."""
     from .pipeline import PipelineTrainer
     from .runtime.program import Recv
 
     S = cfg.mb_structures
     structures = bench_structures(cfg, max(cfg.microbatches) * S)
     out = []
+    previous: Dict[str, Any] = {}  # the trainers of the previous M
     for M in cfg.microbatches:
         batch = _batch(cfg, structures[: M * S])
         trainers: Dict[str, Any] = {}
         build_s: Dict[str, float] = {}
+        plan_from: Dict[str, Optional[str]] = {}
         # 1F1B first: its replayed peak is the memory cap of WaveK at equal memory
         for name in sorted(cfg.runs, key=lambda s: s != "1f1b"):
             sched = "wavek" if name in (EQUAL_MEMORY, COUNT_CAP) else name
@@ -354,18 +381,25 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
             model = build_bench_model(cfg.model, cfg.hidden, cfg.layers, cfg.cutoff, cfg.dtype, cfg.seed)
             chunks = {"1f1b": 1, "hanayo": 2}.get(sched, cfg.chunks)
             extra: Dict[str, Any] = {"dump_dir": os.path.join(cfg.dump_dir, f"{name}-M{M}")} if cfg.dump_dir else {}
+            if cfg.ilp_time_s is not None:
+                extra["ilp_time_limit_s"] = cfg.ilp_time_s
             if name == EQUAL_MEMORY:
                 # the trainer's cap counts parameters, gradients and Adam moments on top of the replay
                 extra["memory_cap_gb"] = (max(replayed_peaks(trainers["1f1b"], batch)) + optimizer_state_bytes(model)) / 1e9
             elif name == COUNT_CAP:
                 extra["memory_cap_gb"] = None
+            like_name, like = _plan_source(cfg, name, trainers, previous)
+            plan_from[name] = None if like is None else f"{like_name} (M={like.microbatches})"
             trainers[name] = PipelineTrainer(
-                model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s, **extra
+                model, batch, stages=cfg.stages, chunks=chunks, microbatches=M, schedule=sched, timeout_s=cfg.timeout_s,
+                plan_like=like, **extra
             )
             build_s[name] = time.perf_counter() - t0
             if progress:
                 sim = trainers[name].programs.meta["simulated"]
-                print(f"  [M={M}] built {name}: {build_s[name]:.1f} s, simulated step {1e3 * sim['makespan_s']:.2f} ms", flush=True)
+                reused = f" (partitions of {plan_from[name]})" if plan_from[name] else ""
+                print(f"  [M={M}] built {name}{reused}: {build_s[name]:.1f} s, simulated step {1e3 * sim['makespan_s']:.2f} ms", flush=True)
+        previous = trainers
         from .data import split_microbatches
 
         shared = _shared_simulation(trainers, split_microbatches(batch, M)[0])
@@ -429,6 +463,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "rebalance": tr.programs.meta.get("rebalance"),
                 "partition": tr.partition.method,
                 "build_s": build_s[sched],
+                "plan_reused_from": plan_from[sched],  # whose capture, calibration and partitions it reused
                 "step_s": st,
                 "structures_per_s": n_struct / st["median"],
                 "atoms_per_s": n_atoms / st["median"],
@@ -466,6 +501,7 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 "wavek_rule": tr.programs.meta.get("wavek_rule"),
                 "wavek_cap": tr.programs.meta.get("wavek_cap"),
                 "memory_cap_gb": tr.compiled.options.memory_cap_gb,
+                "ilp_time_limit_s": tr.compiled.options.ilp_time_limit_s,
                 "wavek_memory_budget_bytes": tr.programs.meta.get("wavek_memory_budget_bytes"),
                 "runs": runs[sched],
             }
@@ -493,6 +529,8 @@ def run_real(cfg: BenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
                 },
             }
         )
+        if on_entry is not None:
+            on_entry(out)
     return out
 
 
@@ -871,10 +909,14 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"parameters, gradients and Adam moments), in-flight cap {_cap_text(wk.get('wavek_cap'))}; "
                 f"measured {EQUAL_MEMORY}/1f1b **{_fmt(ra.get('wavek@1f1b-mem/1f1b'))}×**."
             )
+        def times(x: Optional[float], bold: bool = False) -> str:
+            text = "n/a" if _fmt(x) == "n/a" else f"{_fmt(x)}×"
+            return f"**{text}**" if bold and text != "n/a" else text
+
+        gpipe = f", wavek/gpipe {times(ra['wavek/gpipe'])}" if "gpipe" in e["schedules"] else ""
         lines.append(
-            f"\nmeasured: wavek/1f1b **{_fmt(ra['wavek/1f1b'])}×**, wavek/hanayo **{_fmt(ra['wavek/hanayo'])}×**, "
-            f"wavek/gpipe {_fmt(ra['wavek/gpipe'])}×; simulated: wavek/1f1b {_fmt(sr['wavek/1f1b'])}×, "
-            f"wavek/hanayo {_fmt(sr['wavek/hanayo'])}×\n"
+            f"\nmeasured: wavek/1f1b {times(ra['wavek/1f1b'], True)}, wavek/hanayo {times(ra['wavek/hanayo'], True)}{gpipe}; "
+            f"simulated: wavek/1f1b {times(sr['wavek/1f1b'])}, wavek/hanayo {times(sr['wavek/hanayo'])}\n"
         )
     return "\n".join(lines)
 
@@ -960,15 +1002,23 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
-    """Everything the config asks for, as one JSON-ready dict."""
+def run_bench(
+    cfg: BenchConfig, progress: bool = True, on_partial: Optional[Callable[[Dict[str, Any]], None]] = None
+) -> Dict[str, Any]:
+    """Everything the config asks for, as one JSON-ready dict. ``on_partial`` gets the
+    result so far (marked ``"partial": True``) after each real M."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # calibrate as the workers run: one thread each
     t0 = time.perf_counter()
     try:
         result: Dict[str, Any] = {"config": asdict(cfg), "machine": machine_info()}
+
+        def partial(entries: List[Dict[str, Any]]) -> None:
+            if on_partial is not None:
+                on_partial({**result, "real": list(entries), "partial": True, "wall_s": time.perf_counter() - t0})
+
         if cfg.real:
-            result["real"] = run_real(cfg, progress)
+            result["real"] = run_real(cfg, progress, on_entry=partial)
         if cfg.simulate:
             result["simulated"] = run_simulation(cfg, progress)
     finally:
@@ -1025,6 +1075,8 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_factors=list(args.sim_factors),
         sim_chunks=list(args.sim_chunks),
         sim_ilp_time_s=args.sim_ilp_time,
+        ilp_time_s=args.ilp_time_limit,
+        reuse_plans=not args.no_plan_reuse,
         sim_costs=args.sim_costs,
         sim_bandwidth_gbs=args.sim_bandwidth,
         sim_latency_us=args.sim_latency_us,
@@ -1050,7 +1102,11 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--mb-structures", type=int, default=None, help="structures per micro-batch (default 2; 1 with --large)")
     p.add_argument("--atoms", type=int, default=16, help="atoms per EMT structure")
     p.add_argument("--large", type=int, default=None, metavar="N", help="use >= N-atom fcc Cu supercells (large_structure)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="write the results as JSON here (also after each M of the real runs, marked partial)")
+    p.add_argument(
+        "--ilp-time-limit", type=float, default=None, metavar="S",
+        help="ILP time limit per solve (s) when the real runs are planned (default: the trainer's, 30 s); lower plans faster, a little less balanced",
+    )
     p.add_argument("--markdown", default=None, help="write the tables as markdown here")
     p.add_argument("--no-real", action="store_true", help="skip the real multi-process runs")
     p.add_argument("--simulate", action="store_true", help="also simulate every schedule at P in --sim-stages")
@@ -1065,6 +1121,11 @@ def add_bench_args(p: Any) -> None:
     )
     p.add_argument("--sim-bandwidth", type=float, default=25.0, help="simulated link bandwidth, GB/s")
     p.add_argument("--sim-latency-us", type=float, default=20.0, help="simulated message latency, µs")
+    p.add_argument(
+        "--no-plan-reuse", action="store_true",
+        help="plan every trainer alone (default: a run reuses the partitions of the same run at the previous M, "
+        "GPipe and WaveK at P in flight those of WaveK; only the schedule is made again)",
+    )
     p.add_argument(
         "--no-equal-memory", action="store_true",
         help=f"skip the {EQUAL_MEMORY} row (WaveK limited to the peak memory 1F1B uses, replayed; in-flight caps up to 2P searched)",
@@ -1083,14 +1144,21 @@ def add_bench_args(p: Any) -> None:
     )
 
 
+def write_json(path: str, result: Mapping[str, Any]) -> None:
+    """Write ``result`` whole or not at all (a run stopped mid-write keeps the last file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def main(args: Any) -> int:
     cfg = config_from_args(args)
-    result = run_bench(cfg)
+    result = run_bench(cfg, on_partial=(lambda r: write_json(args.out, r)) if args.out else None)
     text = report(result)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     if args.markdown:
         with open(args.markdown, "w") as f:

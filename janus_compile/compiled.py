@@ -44,6 +44,28 @@ class CompiledMLIP(nn.Module):
         self.graph_parallel_reports: Dict[int, Any] = {}  # id(joint graph) -> GraphParallelReport
         self._dumped = False
 
+    def sharing_plans(self, model: nn.Module, options: JanusOptions, loss: Optional[LossFn] = None) -> "CompiledMLIP":
+        """A compiled ``model`` (the same architecture as this one's, checked by the caller)
+        under ``options`` that reuses what this one captured, calibrated and partitioned:
+        graphs, node times, partitions with their measured group times. For plans that
+        differ only in what comes after partitioning (the schedule for another M): capture,
+        calibration and the ILP are the costly part of planning. The caches are copied, so
+        a partition adopted by one never changes the other's."""
+        twin = CompiledMLIP(model, options, loss if loss is not None else self.loss)
+        twin._force_graphs = list(self._force_graphs)
+        twin._joint_graphs = list(self._joint_graphs)
+        twin._partitions = dict(self._partitions)
+        twin._node_times = dict(self._node_times)
+        twin._inductor = dict(self._inductor)
+        twin.graph_parallel_reports = dict(self.graph_parallel_reports)
+        if options.dump_dir and twin._joint_graphs:
+            graph = twin._joint_graphs[0]
+            dump_graphs(options.dump_dir, twin._force_graphs[0], graph)
+            if id(graph) in twin._partitions:
+                dump_partition(options.dump_dir, twin._partitions[id(graph)], graph)
+            twin._dumped = True
+        return twin
+
     # -- graph selection -----------------------------------------------------------------
     def force_graph(self, batch: AtomsBatch) -> ForceGraph:
         sizes = size_values_from_batch(batch)

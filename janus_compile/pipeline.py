@@ -216,6 +216,47 @@ def _train_worker(
     }
 
 
+# Options that only the schedule reads: a partition made under one value serves another
+SCHEDULE_ONLY_OPTIONS = frozenset({"microbatches", "schedule", "chunks", "dump_dir", "max_in_flight", "memory_cap_gb"})
+
+
+def plan_sharing_problem(
+    like: "PipelineTrainer", model: nn.Module, loss: Any, example_mb: AtomsBatch, options: JanusOptions, chunks_asked: Union[int, str]
+) -> Optional[str]:
+    """Why a trainer with these arguments cannot reuse ``like``'s partitions, or None.
+
+    The split depends on the architecture, the example's sizes, the loss (part of the
+    joint graph) and the partitioning options; M, the schedule and WaveK's in-flight
+    limit enter only where a memory cap bounds the ILP (through the micro-batches a rank
+    holds), so they must agree then."""
+    import dataclasses
+
+    if like.compiled is None or like._candidates is None:
+        return "it has no plan in this process (under torchrun only rank 0 plans)"
+    if like.chunks_asked != chunks_asked:
+        return f"chunks {chunks_asked!r} against its {like.chunks_asked!r}"
+    mine = [(k, tuple(v.shape), v.dtype) for k, v in model.named_parameters()]
+    theirs = [(k, tuple(v.shape), v.dtype) for k, v in like.model.named_parameters()]
+    if type(model) is not type(like.model) or mine != theirs:
+        return f"the model differs ({type(model).__name__} with {len(mine)} parameters against {type(like.model).__name__} with {len(theirs)}, or their shapes)"
+    if loss != like.loss:
+        return f"the loss differs ({loss!r} against {like.loss!r})"
+    if like.joint is not None and like.joint.guards.violated(size_values_from_batch(example_mb)):
+        return f"the example micro-batch's sizes {size_values_from_batch(example_mb)} are outside its graphs' guards"
+    theirs_opts = like.compiled.options
+    for f in dataclasses.fields(JanusOptions):
+        if f.name not in SCHEDULE_ONLY_OPTIONS and getattr(options, f.name) != getattr(theirs_opts, f.name):
+            return f"option {f.name!r} is {getattr(options, f.name)!r} against its {getattr(theirs_opts, f.name)!r}"
+    if options.memory_cap_bytes != theirs_opts.memory_cap_bytes:
+        return f"memory cap {options.memory_cap_gb!r} GB against its {theirs_opts.memory_cap_gb!r}: a set cap bounds the ILP"
+    if options.memory_cap_bytes is not None and options.microbatches_in_flight != theirs_opts.microbatches_in_flight:
+        return (
+            f"{options.microbatches_in_flight} micro-batches in flight against its {theirs_opts.microbatches_in_flight} "
+            "under a memory cap (the ILP's memory bound)"
+        )
+    return None
+
+
 class PipelineTrainer:
     """Training of a conservative MLIP on a (pp, dp, gp) mesh of processes.
 
@@ -233,6 +274,12 @@ class PipelineTrainer:
     the same graphs and programs (a partition computed on each rank could differ, as
     it is calibrated with measured times); `train` then runs this rank's share in this
     process. Results (losses, trained weights, gradients) are the same on every rank.
+
+    ``plan_like``: a trainer built earlier for the same architecture, example sizes,
+    loss and partitioning options, whose capture, calibration and partitions (every K
+    tried, with their measured group times and rebalanced splits) this one reuses; only
+    the schedule is made again. For a sweep over M (or a GPipe beside WaveK): the split
+    does not depend on them, and planning it is the costly part.
     """
 
     def __init__(
@@ -248,11 +295,17 @@ class PipelineTrainer:
         data_parallel: int = 1,
         graph_parallel: int = 1,
         timeout_s: float = 300.0,
+        plan_like: Optional["PipelineTrainer"] = None,
         **options: Any,
     ) -> None:
         partition = partition or PARTITION_OF_SCHEDULE.get(schedule, "symfold")
         if schedule == "hanayo" and chunks == 1:
             chunks = 2  # Hanayo is a wave schedule: two chunks per rank
+        self.chunks_asked: Union[int, str] = chunks
+        self._plan_like = plan_like
+        # (K -> partition, K -> rebalanced alternative or None, errors of the K's skipped):
+        # what `_plan` solved, for a later trainer's ``plan_like``
+        self._candidates: Optional[Tuple[Dict[int, Any], Dict[int, Any], List[Exception]]] = None
         if chunks == AUTO_CHUNKS and (schedule not in ("wavek", "gpipe") or partition != "symfold"):
             raise ValueError(
                 f"chunks='auto' picks K for the wavek and gpipe schedules on a SymFold partition, not for "
@@ -352,13 +405,28 @@ class PipelineTrainer:
         microbatches, schedule = self.microbatches, self.schedule
         example_mb = local_microbatches(example_batch, microbatches, 0, self.data_parallel, 0, 1)[0]
         auto = self.chunks == AUTO_CHUNKS
-        self.compiled = compile_model(
-            model, example_mb, loss=self.loss, stages=self.stages, chunks=1 if auto else self.chunks,
-            microbatches=microbatches, schedule=schedule, partition=partition, data_parallel=self.data_parallel,
-            graph_parallel=self.graph_parallel, **options,
+        settings = dict(
+            stages=self.stages, chunks=1 if auto else self.chunks, microbatches=microbatches, schedule=schedule,
+            partition=partition, data_parallel=self.data_parallel, graph_parallel=self.graph_parallel, **options,
         )
+        like = self._plan_like
+        self._plan_like = None  # not kept: it holds the other trainer's model and graphs
+        if like is not None:
+            opts = JanusOptions.from_mapping(settings)
+            reason = plan_sharing_problem(like, model, self.loss, example_mb, opts, self.chunks_asked)
+            if reason:
+                raise ValueError(f"plan_like: this trainer cannot reuse that trainer's partitions: {reason}; build it without plan_like")
+            self.compiled = like.compiled.sharing_plans(model, opts, self.loss)
+        else:
+            self.compiled = compile_model(model, example_mb, loss=self.loss, **settings)
         self.joint = self.compiled.joint_graph(example_mb)
-        best, failures = None, []
+        best = None
+        if like is not None:
+            parts, alternatives, failures = like._candidates[0], like._candidates[1], list(like._candidates[2])
+            log.info("plan_like: reusing the partitions of K = %s; scheduling M = %d again", sorted(parts), microbatches)
+        else:
+            parts, alternatives, failures = self._partition_candidates(example_mb, auto)
+        self._candidates = (parts, alternatives, list(failures))
 
         def plan_with(k: int, part: Any) -> Tuple[float, int, Any, Any, StageGraphs, ProgramSet]:
             dag = self.pipeline_dag(part)
@@ -367,21 +435,6 @@ class PipelineTrainer:
             programs = make_programs(dag, schedule, **limits)  # validated: deadlock-free
             return programs.meta["simulated"]["makespan_s"], k, part, dag, graphs, programs
 
-        parts: Dict[int, Any] = {} if auto else {self.chunks: self.compiled.partition(example_mb)}
-        for k in AUTO_CHUNK_CANDIDATES if auto else ():
-            try:
-                parts[k] = self.compiled.repartition(example_mb, k, time_groups=False)
-            except (PartitionError, ScheduleError) as exc:  # too few units for K·P chunks, or over the memory cap
-                log.info("chunks='auto': K=%d skipped: %s", k, exc)
-                failures.append(exc)
-        if auto and parts and self.compiled.times_groups:
-            # the K's compared on times taken in one sitting: timed seconds apart,
-            # the same graph differs by several per cent on a loaded machine, as much as
-            # the choice is about
-            self.compiled.time_groups(example_mb, list(parts.values()))
-        # splits solved again where the measured groups are out of balance (all timed again
-        # together if any is made); each kept only if its schedule simulates faster
-        alternatives = dict(zip(parts, self.compiled.rebalanced(example_mb, list(parts.values()))))
         tried: Dict[str, float] = {}
         rebalance: Dict[str, Any] = {}
         for k, part in parts.items():
@@ -402,7 +455,7 @@ class PipelineTrainer:
         if best is None:
             raise failures[-1]  # no K worked: the reason of the last one
         _, k, self.partition, self.dag, graphs, programs = best
-        if auto or self.partition is not parts[k]:
+        if auto or like is not None or self.partition is not parts[k]:
             self.chunks = k
             self.compiled.repartition(example_mb, k, self.partition)  # the kept partition is the one in use
             self.compiled.write_partition_dump(example_mb)
@@ -426,6 +479,27 @@ class PipelineTrainer:
             "device": self.compiled.options.device,
             "chunks": self.chunks,
         }
+
+    def _partition_candidates(self, example_mb: AtomsBatch, auto: bool) -> Tuple[Dict[int, Any], Dict[int, Any], List[Exception]]:
+        """The partitions to schedule (one per K tried), each one's rebalanced split (or
+        None), and the errors of the K's that could not be partitioned."""
+        failures: List[Exception] = []
+        parts: Dict[int, Any] = {} if auto else {self.chunks: self.compiled.partition(example_mb)}
+        for k in AUTO_CHUNK_CANDIDATES if auto else ():
+            try:
+                parts[k] = self.compiled.repartition(example_mb, k, time_groups=False)
+            except (PartitionError, ScheduleError) as exc:  # too few units for K·P chunks, or over the memory cap
+                log.info("chunks='auto': K=%d skipped: %s", k, exc)
+                failures.append(exc)
+        if auto and parts and self.compiled.times_groups:
+            # the K's compared on times taken in one sitting: timed seconds apart,
+            # the same graph differs by several per cent on a loaded machine, as much as
+            # the choice is about
+            self.compiled.time_groups(example_mb, list(parts.values()))
+        # splits solved again where the measured groups are out of balance (all timed again
+        # together if any is made); each kept only if its schedule simulates faster
+        alternatives = dict(zip(parts, self.compiled.rebalanced(example_mb, list(parts.values()))))
+        return parts, alternatives, failures
 
     def _wavek_limits(self, graphs: StageGraphs, example_batch: AtomsBatch) -> Dict[str, Any]:
         """WaveK's in-flight limit from the options: ``max_in_flight`` (a count) and/or

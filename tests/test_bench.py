@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from janus_compile import bench
 from janus_compile.bench import COUNT_CAP, EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation
 from janus_compile.cli import main
 
@@ -13,11 +14,20 @@ TINY = ["--hidden", "8", "--layers", "2", "--atoms", "8"]
 
 
 @pytest.mark.distributed
-def test_bench_real_runs_end_to_end(tmp_path, capsys):
-    """P=2, M=2, one round: every schedule is timed, tabulated, compared and saved."""
+def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    """P=2, M=2, one round: every schedule is timed, tabulated, compared and saved (also
+    after the M, marked partial, so a run stopped later keeps it)."""
     out = tmp_path / "results.json"
-    args = ["bench", *TINY, "--stages", "2", "--microbatches", "2", "--repeats", "1", "--steps", "1", "--out", str(out)]
+    written = []
+    real_write = bench.write_json
+    monkeypatch.setattr(bench, "write_json", lambda path, r: (written.append(json.loads(json.dumps(r, default=str))), real_write(path, r)))
+    args = [
+        "bench", *TINY, "--stages", "2", "--microbatches", "2", "--repeats", "1", "--steps", "1",
+        "--ilp-time-limit", "4", "--out", str(out),
+    ]
     assert main(args) == 0
+    assert [w.get("partial", False) for w in written] == [True, False]
+    assert len(written[0]["real"]) == 1 and written[0]["real"][0]["microbatches"] == 2
     text = capsys.readouterr().out
     for s in SCHEDULES:
         assert f"| {s} |" in text, text
@@ -39,6 +49,7 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys):
     assert eq["memory_cap_gb"] > 0 and max(eq["est_peak_growth_mb"]) <= max(base["est_peak_growth_mb"]) * (1 + 1e-9)
     assert entry["ratios"]["wavek@1f1b-mem/1f1b"] > 0
     for s, r in entry["schedules"].items():
+        assert r["ilp_time_limit_s"] == 4.0  # --ilp-time-limit reached every trainer
         assert r["step_s"]["n"] == 1 and r["step_s"]["median"] > 0
         assert r["structures_per_s"] > 0 and r["atoms_per_s"] > r["structures_per_s"]
         assert r["simulated_step_s"] > 0 and math.isfinite(r["sim_rel_error"])
@@ -56,6 +67,11 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys):
         if r["rebalance"] and r["rebalance"]["rebalanced_simulated_step_s"] is not None:
             assert f"{s} (simulated {1e3 * r['rebalance']['simulated_step_s']:.0f} →" in text
     assert entry["schedules"]["hanayo"]["chunks"] == 2
+    # GPipe and WaveK at P in flight scheduled WaveK's partitions; the capped row planned alone
+    assert result["config"]["reuse_plans"] is True
+    assert [entry["schedules"][s]["plan_reused_from"] for s in ("1f1b", "hanayo", "wavek", "gpipe", COUNT_CAP, EQUAL_MEMORY)] == [
+        None, None, None, "wavek (M=2)", "wavek (M=2)", None,
+    ]
     assert entry["schedules"]["1f1b"]["partition"] == "unfolded"
     for k in ("wavek/1f1b", "wavek/hanayo", "wavek/gpipe"):
         assert entry["ratios"][k] > 0 and math.isfinite(entry["ratios"][k])
@@ -99,6 +115,8 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(stages=1)
     with pytest.raises(ValueError, match="sim_memory_gb must be positive"):
         BenchConfig(sim_memory_gb=0)
+    with pytest.raises(ValueError, match="ilp_time_s must be positive"):
+        BenchConfig(ilp_time_s=0)
 
 
 def test_simulated_hanayo_gets_the_wave_ks_wavek_gets():

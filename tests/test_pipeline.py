@@ -221,3 +221,44 @@ def test_chunks_auto_keeps_the_faster_k_and_stays_exact(tmp_path):
 def test_chunks_auto_is_refused_where_k_is_fixed():
     with pytest.raises(ValueError, match="chunks='auto' picks K for the wavek and gpipe schedules"):
         PipelineTrainer(_model(), random_batch(7, 4), loss=LOSS, stages=2, chunks="auto", microbatches=2, schedule="1f1b", calibrate=False)
+
+
+def test_plan_like_reuses_the_partitions_and_stays_exact(monkeypatch):
+    """A trainer for another M (or GPipe beside WaveK) built ``plan_like`` an earlier one
+    captures, calibrates and partitions nothing again (both are made to fail here), keeps
+    the earlier trainer's K's, schedules its own M, and trains exactly; a trainer whose
+    split could differ is refused with the reason."""
+    import janus_compile.compiled as compiled_mod
+    import janus_compile.passes.symfold as symfold_mod
+
+    model = _model()
+    first = PipelineTrainer(model, random_batch(7, 4), loss=LOSS, stages=2, chunks="auto", microbatches=2, schedule="wavek", calibrate=False)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("planned again: plan_like should have reused the partitions")
+
+    monkeypatch.setattr(symfold_mod, "partition_graph", must_not_run)
+    monkeypatch.setattr(compiled_mod, "capture_force_graph", must_not_run)
+    monkeypatch.setattr(compiled_mod, "build_joint_graph", must_not_run)
+    batch = random_batch(8, 8)  # M = 4 micro-batches of two structures, as the first trainer's
+    for schedule in ("wavek", "gpipe"):
+        again = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule=schedule, calibrate=False, plan_like=first)
+        assert set(again.chunks_tried) == set(first.chunks_tried)
+        assert any(again.partition is p for p in first._candidates[0].values())
+        assert again.partition.chunks == again.chunks == again.compiled.options.chunks
+        assert again.microbatches == 4 and len(again.programs.meta["simulated"]["peak_in_flight"]) == 2
+        assert first.compiled.options.microbatches == 2  # the first trainer's plan is untouched
+        _assert_equals_eager(again.gradients(batch), model, batch, f"{schedule} plan_like (K={again.chunks})")
+
+    other = torch.manual_seed(1) and build_model("schnet", hidden=6, num_interactions=4, num_rbf=6, cutoff=3.5).double()
+    for kwargs, reason in [
+        (dict(chunks=2), "chunks 2 against its 'auto'"),
+        (dict(memory_cap_gb=1.0), "memory cap"),
+        (dict(model=other), "the model differs"),
+        (dict(loss=EnergyForceLoss(force_weight=1.0)), "the loss differs"),
+        (dict(replicate="never"), "option 'replicate'"),
+    ]:
+        args = {**dict(model=model, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", calibrate=False), **kwargs}
+        mdl = args.pop("model")
+        with pytest.raises(ValueError, match=f"plan_like: .*{reason}"):
+            PipelineTrainer(mdl, batch, plan_like=first, **args)
