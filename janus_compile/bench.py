@@ -1108,6 +1108,7 @@ def add_bench_args(p: Any) -> None:
         help="ILP time limit per solve (s) when the real runs are planned (default: the trainer's, 30 s); lower plans faster, a little less balanced",
     )
     p.add_argument("--markdown", default=None, help="write the tables as markdown here")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write SVG charts of the results here (also `januspipe plot RESULTS.json`)")
     p.add_argument("--no-real", action="store_true", help="skip the real multi-process runs")
     p.add_argument("--simulate", action="store_true", help="also simulate every schedule at P in --sim-stages")
     p.add_argument("--sim-models", nargs="+", default=["schnet", "painn", "nequip"], choices=["schnet", "painn", "nequip"])
@@ -1163,4 +1164,9 @@ def main(args: Any) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
+    if args.plots:
+        from .bench_plots import write_bench_plots
+
+        for path in write_bench_plots(result, args.plots):
+            print(f"wrote {path}")
     return 0

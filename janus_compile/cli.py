@@ -148,6 +148,12 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_plot(args) -> int:
+    from .bench_plots import main as plot_main
+
+    return plot_main(args)
+
+
 def cmd_step_bench(args) -> int:
     from .step_bench import main as step_bench_main
 
@@ -212,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     add_bench_args(bench)
     bench.set_defaults(layers=4, func=cmd_bench)
+
+    from .bench_plots import add_plot_args
+
+    plot = sub.add_parser("plot", help="SVG charts of bench results: throughput and bubbles vs P, throughput and memory per rank")
+    add_plot_args(plot)
+    plot.set_defaults(func=cmd_plot)
 
     from .bench_gp import add_gp_bench_args
 

@@ -132,12 +132,21 @@ def copy_cost_cache_path() -> Path:
     return Path(root) / "januspipe" / "copy_cost.json"
 
 
+def _boot_id() -> str:
+    """This kernel's boot id: containers on different hosts can share a host name and a
+    home directory, never a boot id (empty where the kernel does not say)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _disk_key(key: Tuple) -> str:
     """The machine, its malloc settings and the probe: a measurement is reused only for
     the same of all three."""
     malloc = {v: os.environ[v] for v in USER_VARIABLES if v in os.environ}
     probe = [PROBE_VERSION, UNIT_MATRIX, [list(k) if isinstance(k, tuple) else k for k in key]]
-    return json.dumps([platform.node(), os.cpu_count(), torch.__version__, malloc, probe])
+    return json.dumps([platform.node(), _boot_id(), os.cpu_count(), torch.__version__, malloc, probe])
 
 
 def _read_disk(key: Tuple) -> Optional[CopyModel]:

@@ -8,6 +8,7 @@ import pytest
 
 from janus_compile import bench
 from janus_compile.bench import COUNT_CAP, EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation
+from janus_compile.bench_plots import simulated_charts
 from janus_compile.cli import main
 
 TINY = ["--hidden", "8", "--layers", "2", "--atoms", "8"]
@@ -23,7 +24,7 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "write_json", lambda path, r: (written.append(json.loads(json.dumps(r, default=str))), real_write(path, r)))
     args = [
         "bench", *TINY, "--stages", "2", "--microbatches", "2", "--repeats", "1", "--steps", "1",
-        "--ilp-time-limit", "4", "--out", str(out),
+        "--ilp-time-limit", "4", "--out", str(out), "--plots", str(tmp_path / "bench-charts"),
     ]
     assert main(args) == 0
     assert [w.get("partial", False) for w in written] == [True, False]
@@ -75,6 +76,16 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert entry["schedules"]["1f1b"]["partition"] == "unfolded"
     for k in ("wavek/1f1b", "wavek/hanayo", "wavek/gpipe"):
         assert entry["ratios"][k] > 0 and math.isfinite(entry["ratios"][k])
+    # `januspipe plot` on the JSON: one bar per schedule (its throughput) and per rank;
+    # `bench --plots` wrote the same charts
+    assert main(["plot", str(out), "--out", str(tmp_path / "charts")]) == 0
+    for name in ("real_p2_throughput.svg", "real_p2_memory_per_rank.svg"):
+        assert (tmp_path / "bench-charts" / name).read_text() == (tmp_path / "charts" / name).read_text()
+    bars = _svg_points((tmp_path / "charts" / "real_p2_throughput.svg").read_text(), "rect")
+    for s, r in entry["schedules"].items():
+        assert bars[s] == [pytest.approx(r["structures_per_s"], rel=1e-3)]
+    memory = _svg_points((tmp_path / "charts" / "real_p2_memory_per_rank.svg").read_text(), "rect")
+    assert sorted(memory["wavek"]) == pytest.approx(sorted(entry["schedules"]["wavek"]["measured_rss_growth_mb"] + entry["schedules"]["wavek"]["est_peak_growth_mb"]), rel=1e-3)
 
 
 def test_simulation_at_p4_gives_finite_ratios():
@@ -106,6 +117,28 @@ def test_simulation_at_p4_gives_finite_ratios():
     assert math.isfinite(avg[4]["wavek@count-P/1f1b"]) and 0 < avg[4]["wavek_count_efficiency"] <= 1
     # a 2-block model has too few units for 4 × 2 chunks at 1.5 units each: rebuilt deeper, and said so
     assert all(r["layers"] >= 2 for r in sim["rows"])
+    # the charts plot these rows: one point per (M, schedule) at P = 4, the throughput
+    # relative to 1F1B and the bubble fraction the rows hold
+    charts = simulated_charts(sim)
+    points = _svg_points(charts["sim_throughput_vs_p.svg"], "circle")
+    for r in sim["rows"]:
+        assert any(abs(points_of - r["ratios"]["wavek/1f1b"]) < 1e-3 * r["ratios"]["wavek/1f1b"] for points_of in points["wavek"])
+    assert len(points["wavek"]) == len(points["1f1b"]) == 2 and all(abs(v - 1) < 1e-9 for v in points["1f1b"])
+    bubbles = _svg_points(charts["sim_bubble_vs_p.svg"], "circle")
+    assert sorted(bubbles["hanayo"]) == pytest.approx(sorted(r["schedules"]["hanayo"]["bubble_fraction"] for r in sim["rows"]), rel=1e-3)
+
+
+def _svg_points(svg: str, tag: str) -> dict:
+    """name -> values of the ``tag`` elements of a chart (their titles read "name: value")."""
+    import xml.etree.ElementTree as ET
+
+    out: dict = {}
+    for el in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}" + tag):
+        title = el.find("{http://www.w3.org/2000/svg}title")
+        if title is not None and ":" in title.text:
+            name, value = title.text.rsplit(":", 1)
+            out.setdefault(name.split(" ")[0], []).append(float(value))
+    return out
 
 
 def test_bench_config_rejects_bad_values():

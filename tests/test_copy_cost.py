@@ -224,6 +224,9 @@ def test_disk_cache_failures_lose_nothing(tmp_path, monkeypatch):
     assert copy_probe._read_disk(key) is None
     copy_probe._write_disk(key, CopyCost(1e-4, 1e-5, 1e-9))  # replaces the corrupt file
     assert copy_probe._read_disk(key) == CopyCost(1e-4, 1e-5, 1e-9)
+    # another machine with the same host name and home directory (containers): not reused
+    monkeypatch.setattr(copy_probe, "_boot_id", lambda: "another-boot")
+    assert copy_probe._read_disk(key) is None
 
 
 def test_gantt_shows_the_copies():
