@@ -1155,11 +1155,16 @@ def write_json(path: str, result: Mapping[str, Any]) -> None:
 
 def main(args: Any) -> int:
     cfg = config_from_args(args)
+    for path, what in ((args.out, "--out"), (args.markdown, "--markdown")):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"januspipe bench: {what} {path}: the folder {folder} does not exist; create it first")
     result = run_bench(cfg, on_partial=(lambda r: write_json(args.out, r)) if args.out else None)
+    if args.out:  # before the report: nothing measured is lost if formatting fails
+        write_json(args.out, result)
     text = report(result)
     print(text)
     if args.out:
-        write_json(args.out, result)
         print(f"wrote {args.out}")
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -49,13 +49,15 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> List[float]:
     return ticks
 
 
-def _layout(n_panels: int, title: str, columns: int = MAX_COLUMNS) -> Tuple[float, float, int]:
-    """Width, height and columns of a grid of panels (at most ``columns`` a row)."""
+def _layout(n_panels: int, title: str, names: Sequence[str], columns: int = MAX_COLUMNS) -> Tuple[float, float, int, float]:
+    """Width, height, columns of a grid of panels (at most ``columns`` a row) and the
+    legend's top."""
     cols = max(1, min(n_panels, columns))
     rows = max(1, math.ceil(n_panels / cols))
     width = max(MARGIN_L + cols * (PANEL_W + MARGIN_R) + 10, 7.0 * len(title) + 40)
-    height = MARGIN_T + rows * (PANEL_H + MARGIN_B + MARGIN_T) - MARGIN_T + LEGEND_H
-    return width, height, cols
+    legend_top = MARGIN_T + rows * (PANEL_H + MARGIN_B + MARGIN_T) - MARGIN_T
+    height = legend_top + LEGEND_H * len(_legend_rows(names, width)) + 6
+    return width, height, cols, legend_top
 
 
 def _origin(p: int, cols: int) -> Tuple[float, float]:
@@ -67,14 +69,29 @@ def _text(x: float, y: float, s: str, anchor: str = "middle", size: int = 11, ex
     return f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" {extra}>{html.escape(s)}</text>'
 
 
-def _legend(names: Sequence[str], width: float, y: float) -> List[str]:
-    out, x = [], MARGIN_L
-    for i, name in enumerate(names):
-        out.append(f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="12" height="10" fill="{_color(name, i)}"/>')
-        out.append(_text(x + 16, y, name, anchor="start"))
-        x += 24 + 7 * len(name)
-        if x > width - 80:
-            break
+def _legend_rows(names: Sequence[str], width: float) -> List[List[str]]:
+    """The legend's entries, wrapped into rows that fit ``width``."""
+    rows: List[List[str]] = [[]]
+    x = MARGIN_L
+    for name in names:
+        w = 28 + 7.5 * len(name)
+        if rows[-1] and x + w > width - 10:
+            rows.append([])
+            x = MARGIN_L
+        rows[-1].append(name)
+        x += w
+    return rows
+
+
+def _legend(names: Sequence[str], width: float, top: float) -> List[str]:
+    """Every entry, in as many rows as it takes, from ``top`` down."""
+    out = []
+    for r, row in enumerate(_legend_rows(names, width)):
+        x, y = MARGIN_L, top + 14 + r * LEGEND_H
+        for name in row:
+            out.append(f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="12" height="10" fill="{_color(name, names.index(name))}"/>')
+            out.append(_text(x + 16, y, name, anchor="start"))
+            x += 28 + 7.5 * len(name)
     return out
 
 
@@ -91,7 +108,7 @@ def line_panels(
     pad = 0.06 * (hi - lo or abs(hi) or 1.0)
     ticks = _nice_ticks(lo - pad, hi + pad)
     lo, hi = ticks[0], ticks[-1]
-    width, height, cols = _layout(len(panels), title)
+    width, height, cols, legend_top = _layout(len(panels), title, names)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" font-family="sans-serif">',
         f'<rect width="100%" height="100%" fill="white"/>',
@@ -131,7 +148,7 @@ def line_panels(
             out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"><title>{html.escape(name)}</title></polyline>')
             out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{html.escape(name)}: {y:.6g}</title></circle>' for x, y in pts]
     out.append(_text(16, MARGIN_T + PANEL_H / 2, ylabel, extra=f'transform="rotate(-90 16 {MARGIN_T + PANEL_H / 2:.1f})"'))
-    out += _legend(names, width, height - 8)
+    out += _legend(names, width, legend_top)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -144,7 +161,7 @@ def bar_panels(
     ys = [y for _, _, ser in panels for vals in ser.values() for y in vals if y is not None and math.isfinite(y)]
     ticks = _nice_ticks(0.0, max(ys) * 1.05 if ys else 1.0)
     hi = ticks[-1]
-    width, height, cols = _layout(len(panels), title, columns)
+    width, height, cols, legend_top = _layout(len(panels), title, names, columns)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" font-family="sans-serif">',
         f'<rect width="100%" height="100%" fill="white"/>',
@@ -176,7 +193,7 @@ def bar_panels(
                     f"<title>{html.escape(name)} {html.escape(label)}: {v:.6g}</title></rect>"
                 )
     out.append(_text(16, MARGIN_T + PANEL_H / 2, ylabel, extra=f'transform="rotate(-90 16 {MARGIN_T + PANEL_H / 2:.1f})"'))
-    out += _legend(names, width, height - 8)
+    out += _legend(names, width, legend_top)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -194,6 +211,10 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
 def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
     """File name -> SVG: throughput relative to 1F1B, and bubble fraction, against P."""
     rows = sim.get("rows", [])
+    odd = [r for r in rows if r["microbatches"] % r["stages"]]
+    if odd:
+        log.warning("%d simulated row(s) with M not a multiple of P left out of the charts", len(odd))
+        rows = [r for r in rows if not r["microbatches"] % r["stages"]]
     factors = sorted({r["microbatches"] // r["stages"] for r in rows})
     schedules = list(dict.fromkeys(s for r in rows for s in r["schedules"]))
     models = sorted({r["model"] for r in rows})
@@ -300,12 +321,23 @@ def main(args: Any) -> int:
     for path in args.results:
         try:
             with open(path) as f:
-                results.append(json.load(f))
+                result = json.load(f)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"januspipe plot: cannot read {path}: {exc}; give the JSON files `januspipe bench --out` wrote")
-    merged = merge_results(results)
-    if not merged:
-        raise SystemExit("januspipe plot: no real or simulated runs in " + ", ".join(args.results) + "; nothing to plot")
-    for path in write_bench_plots(merged, args.out):
+        if not isinstance(result, dict) or not ({"real", "simulated"} & set(result)):
+            raise SystemExit(f"januspipe plot: {path} is not a `januspipe bench --out` result (no 'real' or 'simulated' runs)")
+        if result.get("partial"):
+            log.warning("%s is a partial result (the bench stopped before its last M): plotting the M's it finished", path)
+        results.append(result)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"januspipe plot: --out {args.out} is a file; give a directory for the charts")
+    try:
+        merged = merge_results(results)
+        if not merged:
+            raise SystemExit("januspipe plot: no real or simulated runs in " + ", ".join(args.results) + "; nothing to plot")
+        paths = write_bench_plots(merged, args.out)
+    except (KeyError, TypeError) as exc:
+        raise SystemExit(f"januspipe plot: a result lacks a field the charts need ({exc!r}); was it written by another version of januspipe bench?")
+    for path in paths:
         print(f"wrote {path}")
     return 0

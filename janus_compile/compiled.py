@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .data.batch import NORMALIZER_FIELDS, REQUIRED_FIELDS, TARGET_FIELDS, AtomsBatch
+from .data.batch import REQUIRED_FIELDS, AtomsBatch, present_targets
 from .dump import dump_graph_parallel, dump_graphs, dump_partition
 from .losses import EnergyForceLoss
 from .options import JanusOptions
@@ -45,12 +45,14 @@ class CompiledMLIP(nn.Module):
         self._dumped = False
 
     def sharing_plans(self, model: nn.Module, options: JanusOptions, loss: Optional[LossFn] = None) -> "CompiledMLIP":
-        """A compiled ``model`` (the same architecture as this one's, checked by the caller)
-        under ``options`` that reuses what this one captured, calibrated and partitioned:
-        graphs, node times, partitions with their measured group times. For plans that
-        differ only in what comes after partitioning (the schedule for another M): capture,
-        calibration and the ILP are the costly part of planning. The caches are copied, so
-        a partition adopted by one never changes the other's."""
+        """A compiled ``model`` under ``options`` that reuses what this one captured,
+        calibrated and partitioned: graphs, node times, partitions with their measured
+        group times. For plans that differ only in what comes after partitioning (the
+        schedule for another M): calibration and the ILP are the costly part of planning.
+        The caller checks that ``model`` captures to the same graph
+        (`pipeline.plan_sharing_problem`). The caches (dicts, lists) are copied, so
+        which partition each uses is its own; the graph and partition objects are shared
+        and must not be changed."""
         twin = CompiledMLIP(model, options, loss if loss is not None else self.loss)
         twin._force_graphs = list(self._force_graphs)
         twin._joint_graphs = list(self._joint_graphs)
@@ -82,7 +84,7 @@ class CompiledMLIP(nn.Module):
         if hasattr(self.loss, "check"):
             self.loss.check(batch)
         sizes = size_values_from_batch(batch)
-        targets = [f for f in TARGET_FIELDS + NORMALIZER_FIELDS if getattr(batch, f) is not None]
+        targets = present_targets(batch)
         for graph in self._joint_graphs:
             if not graph.guards.violated(sizes) and graph.target_fields == targets:
                 return graph

@@ -225,24 +225,36 @@ def plan_sharing_problem(
 ) -> Optional[str]:
     """Why a trainer with these arguments cannot reuse ``like``'s partitions, or None.
 
-    The split depends on the architecture, the example's sizes, the loss (part of the
-    joint graph) and the partitioning options; M, the schedule and WaveK's in-flight
-    limit enter only where a memory cap bounds the ILP (through the micro-batches a rank
-    holds), so they must agree then."""
+    The split depends on the model's graph, the example's sizes and fields, the loss
+    (part of the joint graph) and the partitioning options; M, the schedule and WaveK's
+    in-flight limit enter only where a memory cap bounds the ILP (through the
+    micro-batches a rank holds), so they must agree then. The model is compared by its
+    captured energy+force graph: parameters of the same shapes do not make the same
+    model (a cutoff or any other plain attribute is a constant of the graph)."""
     import dataclasses
 
-    if like.compiled is None or like._candidates is None:
+    from .passes.capture import capture_force_graph
+    from .data.batch import present_targets
+
+    if like.compiled is None or like._candidates is None or like.joint is None:
         return "it has no plan in this process (under torchrun only rank 0 plans)"
     if like.chunks_asked != chunks_asked:
         return f"chunks {chunks_asked!r} against its {like.chunks_asked!r}"
-    mine = [(k, tuple(v.shape), v.dtype) for k, v in model.named_parameters()]
-    theirs = [(k, tuple(v.shape), v.dtype) for k, v in like.model.named_parameters()]
-    if type(model) is not type(like.model) or mine != theirs:
-        return f"the model differs ({type(model).__name__} with {len(mine)} parameters against {type(like.model).__name__} with {len(theirs)}, or their shapes)"
     if loss != like.loss:
         return f"the loss differs ({loss!r} against {like.loss!r})"
-    if like.joint is not None and like.joint.guards.violated(size_values_from_batch(example_mb)):
-        return f"the example micro-batch's sizes {size_values_from_batch(example_mb)} are outside its graphs' guards"
+    sizes = size_values_from_batch(example_mb)
+    if like.joint.guards.violated(sizes):
+        return f"the example micro-batch's sizes {sizes} are outside its graphs' guards"
+    targets = present_targets(example_mb)
+    if targets != like.joint.target_fields:
+        return f"the example's labels {targets} differ from its {like.joint.target_fields} (the loss reads other fields)"
+    mine = capture_force_graph(model, example_mb)
+    theirs = like.compiled.force_graph(example_mb)
+    if mine.batch_fields != theirs.batch_fields:
+        return f"the example's fields {mine.batch_fields} differ from its {theirs.batch_fields}"
+    difference = graph_difference(mine, theirs)
+    if difference:
+        return f"the model differs: {difference}"
     theirs_opts = like.compiled.options
     for f in dataclasses.fields(JanusOptions):
         if f.name not in SCHEDULE_ONLY_OPTIONS and getattr(options, f.name) != getattr(theirs_opts, f.name):
@@ -254,6 +266,21 @@ def plan_sharing_problem(
             f"{options.microbatches_in_flight} micro-batches in flight against its {theirs_opts.microbatches_in_flight} "
             "under a memory cap (the ILP's memory bound)"
         )
+    return None
+
+
+def graph_difference(a: Any, b: Any) -> Optional[str]:
+    """How two captured energy+force graphs differ (code, inputs or constants), or None."""
+    if (a.param_names, a.buffer_names, a.output_names) != (b.param_names, b.buffer_names, b.output_names):
+        return "other parameters, buffers or outputs"
+    if a.gm.code != b.gm.code:
+        return "its captured graph's code differs (another architecture, or a plain attribute such as a cutoff)"
+    for node in a.gm.graph.nodes:
+        if node.op == "get_attr":
+            x, y = getattr(a.gm, node.target), getattr(b.gm, node.target)
+            same = torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x is y or x == y
+            if not same:
+                return f"its graph's constant {node.target} differs"
     return None
 
 
@@ -420,6 +447,8 @@ class PipelineTrainer:
         else:
             self.compiled = compile_model(model, example_mb, loss=self.loss, **settings)
         self.joint = self.compiled.joint_graph(example_mb)
+        if like is not None and self.joint is not like.joint:  # the checks above should make this impossible
+            raise RuntimeError("plan_like: the example selected another joint graph than the reused partitions were made on")
         best = None
         if like is not None:
             parts, alternatives, failures = like._candidates[0], like._candidates[1], list(like._candidates[2])

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..data.batch import NORMALIZER_FIELDS, TARGET_FIELDS, AtomsBatch
+from ..data.batch import AtomsBatch, present_targets
 from ..errors import CaptureError, NoDoubleBackwardError
 from .capture import ForceGraph, _rename_placeholders, _translate_error, _user_frame
 from .fake_inputs import FIELD_DIM, SizeGuards, annotate_named_shapes, fake_input, new_fake_mode
@@ -99,7 +99,7 @@ def build_joint_graph(
     loss_fn: LossFn,
 ) -> JointGraph:
     """Trace loss + parameter gradients of `force_graph` into a labelled `JointGraph`."""
-    targets = [f for f in TARGET_FIELDS + NORMALIZER_FIELDS if getattr(example_batch, f) is not None]
+    targets = present_targets(example_batch)
     example_batch.validate(need=tuple(force_graph.batch_fields))
     fg = force_graph
     mode = new_fake_mode()

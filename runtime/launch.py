@@ -29,10 +29,27 @@ log = logging.getLogger(__name__)
 # server process that imported torch and the runtime once, so a run starts in about a
 # second instead of P interpreters importing torch (~6 s at P = 2 on two cores, ~40 s at
 # P = 4 on a slow host); "spawn" starts fresh interpreters. Either way workers get the
-# function and arguments pickled, and this process's environment at launch.
+# function and arguments pickled, and this process's environment at launch (a change
+# to a variable read at start-up, since the server started, makes that launch spawn).
 START_METHOD_ENV = "JANUSPIPE_START_METHOD"
 START_METHODS = ("forkserver", "spawn")
 FORKSERVER_PRELOAD = ["torch", "torch.distributed", "janus_compile.pipeline"]
+# Variables read when a process starts or torch is imported (malloc, the dynamic loader,
+# OpenMP, torch's and inductor's configuration): a forkserver child has the server's
+# reading of them, whatever it is handed later. Changed since the server started, they
+# make that launch spawn fresh interpreters instead.
+STARTUP_VARIABLE_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "TORCH", "PYTORCH_", "PYTHON")
+_server_environment: Optional[dict] = None  # those variables when this process started the forkserver
+
+
+def _startup_variables() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(STARTUP_VARIABLE_PREFIXES)}
+
+
+def _forkserver_running() -> bool:
+    from multiprocessing import forkserver
+
+    return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None) is not None
 
 
 class WorkerError(RuntimeError):
@@ -117,15 +134,23 @@ def start_method() -> str:
     else:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "forkserver":
-        # read when the server starts (the first forkserver launch); later calls change nothing
-        multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
+        global _server_environment
+        if not _forkserver_running():
+            # read when the server starts (this launch); later calls change nothing
+            multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
+            _server_environment = _startup_variables()
+        elif _server_environment is not None and _startup_variables() != _server_environment:
+            changed = sorted(set(_startup_variables().items()) ^ set(_server_environment.items()))
+            log.info("%s changed since the forkserver started: this launch spawns its workers", sorted({k for k, _ in changed}))
+            return "spawn"
     return method
 
 
 def _adopt_environment(env: Optional[dict]) -> None:
     """Make this worker's environment the parent's at launch. A forkserver child inherits
-    the server's, taken when the server started; variables set since (a fault to inject,
-    a cache directory) must still reach it, as they would a spawned one."""
+    the server's, taken when the server started; variables read later (a fault to
+    inject, a cache directory, NCCL's settings) must still reach it. Those read at
+    process start or import cannot: `start_method` spawns when they changed."""
     if env is None:
         return
     for key in [k for k in os.environ if k not in env]:

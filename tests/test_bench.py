@@ -81,7 +81,10 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["plot", str(out), "--out", str(tmp_path / "charts")]) == 0
     for name in ("real_p2_throughput.svg", "real_p2_memory_per_rank.svg"):
         assert (tmp_path / "bench-charts" / name).read_text() == (tmp_path / "charts" / name).read_text()
-    bars = _svg_points((tmp_path / "charts" / "real_p2_throughput.svg").read_text(), "rect")
+    svg = (tmp_path / "charts" / "real_p2_throughput.svg").read_text()
+    for s in entry["schedules"]:  # six entries on a one-panel chart: the legend wraps, drops none
+        assert f">{s}</text>" in svg
+    bars = _svg_points(svg, "rect")
     for s, r in entry["schedules"].items():
         assert bars[s] == [pytest.approx(r["structures_per_s"], rel=1e-3)]
     memory = _svg_points((tmp_path / "charts" / "real_p2_memory_per_rank.svg").read_text(), "rect")

@@ -76,3 +76,18 @@ def test_start_method_default_and_a_bad_choice(monkeypatch):
     monkeypatch.setenv(START_METHOD_ENV, "fork")
     with pytest.raises(ValueError, match="JANUSPIPE_START_METHOD='fork': choose one of"):
         start_method()
+
+
+def test_a_startup_variable_changed_since_the_server_started_spawns(monkeypatch, caplog):
+    """A forkserver child keeps the server's reading of variables read at start-up
+    (malloc, OpenMP, torch's configuration): once one changed, launches spawn."""
+    from janus_compile.runtime import launch
+
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    assert launch_local(_environment_seen, 2, timeout_s=60)  # the forkserver runs from here on
+    monkeypatch.setattr(launch, "_server_environment", launch._startup_variables())
+    assert start_method() == "forkserver"
+    monkeypatch.setenv("TORCHINDUCTOR_JANUSPIPE_TEST", "1")
+    with caplog.at_level(logging.INFO, logger="janus_compile.runtime.launch"):
+        assert start_method() == "spawn"
+    assert "TORCHINDUCTOR_JANUSPIPE_TEST" in caplog.text

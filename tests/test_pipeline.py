@@ -1,6 +1,7 @@
 """Real multi-process pipeline training (gloo over loopback) against single-process eager."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -225,9 +226,10 @@ def test_chunks_auto_is_refused_where_k_is_fixed():
 
 def test_plan_like_reuses_the_partitions_and_stays_exact(monkeypatch):
     """A trainer for another M (or GPipe beside WaveK) built ``plan_like`` an earlier one
-    captures, calibrates and partitions nothing again (both are made to fail here), keeps
-    the earlier trainer's K's, schedules its own M, and trains exactly; a trainer whose
-    split could differ is refused with the reason."""
+    builds no joint graph and calibrates and partitions nothing again (those are made to
+    fail here; only the model's energy+force graph is captured, to compare it), keeps the
+    earlier trainer's K's, schedules its own M, and trains exactly; a trainer whose split
+    or graph could differ is refused with the reason."""
     import janus_compile.compiled as compiled_mod
     import janus_compile.passes.symfold as symfold_mod
 
@@ -250,15 +252,20 @@ def test_plan_like_reuses_the_partitions_and_stays_exact(monkeypatch):
         assert first.compiled.options.microbatches == 2  # the first trainer's plan is untouched
         _assert_equals_eager(again.gradients(batch), model, batch, f"{schedule} plan_like (K={again.chunks})")
 
-    other = torch.manual_seed(1) and build_model("schnet", hidden=6, num_interactions=4, num_rbf=6, cutoff=3.5).double()
+    narrower = build_model("schnet", hidden=6, num_interactions=4, num_rbf=6, cutoff=3.5).double()
+    shorter = build_model("schnet", hidden=8, num_interactions=4, num_rbf=6, cutoff=3.0).double()  # same parameters
+    shorter.load_state_dict(model.state_dict())
+    unlabelled = dataclasses.replace(batch, stress=None)
     for kwargs, reason in [
         (dict(chunks=2), "chunks 2 against its 'auto'"),
         (dict(memory_cap_gb=1.0), "memory cap"),
-        (dict(model=other), "the model differs"),
+        (dict(model=narrower), "the model differs"),
+        (dict(model=shorter), "the model differs: its captured graph's code differs"),
+        (dict(batch=unlabelled), "the example's labels"),
         (dict(loss=EnergyForceLoss(force_weight=1.0)), "the loss differs"),
         (dict(replicate="never"), "option 'replicate'"),
     ]:
         args = {**dict(model=model, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", calibrate=False), **kwargs}
-        mdl = args.pop("model")
+        mdl, example = args.pop("model"), args.pop("batch", batch)
         with pytest.raises(ValueError, match=f"plan_like: .*{reason}"):
-            PipelineTrainer(mdl, batch, plan_like=first, **args)
+            PipelineTrainer(mdl, example, plan_like=first, **args)

@@ -38,6 +38,12 @@ NORMALIZER_FIELDS: tuple[str, ...] = (
 TENSOR_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + TARGET_FIELDS + NORMALIZER_FIELDS
 
 
+def present_targets(batch: "AtomsBatch") -> list:
+    """The label and normaliser fields ``batch`` carries, in a fixed order: a joint graph
+    (whose loss reads them) is captured for one such set."""
+    return [f for f in TARGET_FIELDS + NORMALIZER_FIELDS if getattr(batch, f) is not None]
+
+
 class BatchError(ValueError):
     """A batch is missing a field or has inconsistent shapes."""
 
