@@ -85,8 +85,8 @@ class BenchConfig:
     # ILP time limit per solve when the real runs' trainers are planned (None: the trainer's
     # default, `ilp_time_limit_s`); a lower one trades some balance for planning time
     ilp_time_s: Optional[float] = None
-    # Trainers reuse an earlier trainer's capture, calibration and partitions where only
-    # the schedule differs (`PipelineTrainer(plan_like=...)`): the same run at the previous
+    # Trainers reuse an earlier trainer's joint graph, calibration and partitions where
+    # only the schedule differs (`PipelineTrainer(plan_like=...)`): the same run at the previous
     # M; GPipe and WaveK at P in flight the WaveK of the same M. Off: each plans alone.
     reuse_plans: bool = True
     # Also run WaveK at 1F1B's memory (EQUAL_MEMORY): its budget is the peak 1F1B itself
@@ -463,7 +463,7 @@ def run_real(
                 "rebalance": tr.programs.meta.get("rebalance"),
                 "partition": tr.partition.method,
                 "build_s": build_s[sched],
-                "plan_reused_from": plan_from[sched],  # whose capture, calibration and partitions it reused
+                "plan_reused_from": plan_from[sched],  # whose joint graph, calibration and partitions it reused
                 "step_s": st,
                 "structures_per_s": n_struct / st["median"],
                 "atoms_per_s": n_atoms / st["median"],
@@ -818,6 +818,14 @@ def _fmt(x: Optional[float], spec: str = ".2f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def _times(x: Optional[float], bold: bool = False) -> str:
+    """A ratio as "1.23×" (bold: "**1.23×**"), or "n/a"."""
+    text = _fmt(x)
+    if text == "n/a":
+        return text
+    return f"**{text}×**" if bold else f"{text}×"
+
+
 def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:+.0f}%"
 
@@ -909,14 +917,10 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"parameters, gradients and Adam moments), in-flight cap {_cap_text(wk.get('wavek_cap'))}; "
                 f"measured {EQUAL_MEMORY}/1f1b **{_fmt(ra.get('wavek@1f1b-mem/1f1b'))}×**."
             )
-        def times(x: Optional[float], bold: bool = False) -> str:
-            text = "n/a" if _fmt(x) == "n/a" else f"{_fmt(x)}×"
-            return f"**{text}**" if bold and text != "n/a" else text
-
-        gpipe = f", wavek/gpipe {times(ra['wavek/gpipe'])}" if "gpipe" in e["schedules"] else ""
+        gpipe = f", wavek/gpipe {_times(ra['wavek/gpipe'])}" if "gpipe" in e["schedules"] else ""
         lines.append(
-            f"\nmeasured: wavek/1f1b {times(ra['wavek/1f1b'], True)}, wavek/hanayo {times(ra['wavek/hanayo'], True)}{gpipe}; "
-            f"simulated: wavek/1f1b {times(sr['wavek/1f1b'])}, wavek/hanayo {times(sr['wavek/hanayo'])}\n"
+            f"\nmeasured: wavek/1f1b {_times(ra['wavek/1f1b'], True)}, wavek/hanayo {_times(ra['wavek/hanayo'], True)}{gpipe}; "
+            f"simulated: wavek/1f1b {_times(sr['wavek/1f1b'])}, wavek/hanayo {_times(sr['wavek/hanayo'])}\n"
         )
     return "\n".join(lines)
 

@@ -95,11 +95,35 @@ def _legend(names: Sequence[str], width: float, top: float) -> List[str]:
     return out
 
 
-def line_panels(
-    panels: Sequence[Tuple[str, Series]], title: str, xlabel: str, ylabel: str, log2_x: bool = True,
-    reference: Optional[float] = None,
-) -> str:
-    """Small multiples of line charts sharing one y range: one panel per (title, series)."""
+def _chart_start(width: float, height: float, title: str) -> List[str]:
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" font-family="sans-serif">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        _text(width / 2, 18, title, size=13, extra='font-weight="bold"'),
+    ]
+
+
+def _panel_box(x0: float, y0: float, title: str, ticks: Sequence[float], tick_y: Any, labels: bool) -> List[str]:
+    """A panel's frame, title and horizontal grid lines (tick labels on the first column)."""
+    out = [
+        f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{PANEL_W:.1f}" height="{PANEL_H:.1f}" fill="none" stroke="#999"/>',
+        _text(x0 + PANEL_W / 2, y0 - 8, title),
+    ]
+    for t in ticks:
+        out.append(f'<line x1="{x0:.1f}" x2="{x0 + PANEL_W:.1f}" y1="{tick_y(t):.1f}" y2="{tick_y(t):.1f}" stroke="#eee"/>')
+        if labels:
+            out.append(_text(x0 - 6, tick_y(t) + 4, f"{t:g}", anchor="end", size=10))
+    return out
+
+
+def _chart_end(ylabel: str, names: Sequence[str], width: float, legend_top: float) -> str:
+    mid = MARGIN_T + PANEL_H / 2
+    return "\n".join([_text(16, mid, ylabel, extra=f'transform="rotate(-90 16 {mid:.1f})"'), *_legend(names, width, legend_top), "</svg>"]) + "\n"
+
+
+def line_panels(panels: Sequence[Tuple[str, Series]], title: str, xlabel: str, ylabel: str, reference: Optional[float] = None) -> str:
+    """Small multiples of line charts sharing one y range, x on a log2 scale (P): one panel
+    per (title, series); ``reference`` draws a dashed line at that y."""
     names = list(dict.fromkeys(n for _, ser in panels for n in ser))
     ys = [y for _, ser in panels for pts in ser.values() for _, y in pts if y is not None and math.isfinite(y)]
     if reference is not None:
@@ -109,31 +133,21 @@ def line_panels(
     ticks = _nice_ticks(lo - pad, hi + pad)
     lo, hi = ticks[0], ticks[-1]
     width, height, cols, legend_top = _layout(len(panels), title, names)
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" font-family="sans-serif">',
-        f'<rect width="100%" height="100%" fill="white"/>',
-        _text(width / 2, 18, title, size=13, extra='font-weight="bold"'),
-    ]
+    out = _chart_start(width, height, title)
     for p, (ptitle, ser) in enumerate(panels):
         x0, y0 = _origin(p, cols)
         y1 = y0 + PANEL_H
         xs = sorted({x for pts in ser.values() for x, _ in pts})
-        fx = (lambda v: math.log2(v)) if log2_x else (lambda v: v)
-        xlo, xhi = (fx(xs[0]), fx(xs[-1])) if xs else (0.0, 1.0)
+        xlo, xhi = (math.log2(xs[0]), math.log2(xs[-1])) if xs else (0.0, 1.0)
         span = (xhi - xlo) or 1.0
 
         def px(v: float) -> float:
-            return x0 + 12 + (fx(v) - xlo) / span * (PANEL_W - 24)
+            return x0 + 12 + (math.log2(v) - xlo) / span * (PANEL_W - 24)
 
         def py(v: float) -> float:
             return y1 - (v - lo) / (hi - lo) * PANEL_H
 
-        out.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{PANEL_W:.1f}" height="{PANEL_H:.1f}" fill="none" stroke="#999"/>')
-        out.append(_text(x0 + PANEL_W / 2, y0 - 8, ptitle))
-        for t in ticks:
-            out.append(f'<line x1="{x0:.1f}" x2="{x0 + PANEL_W:.1f}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
-            if p % cols == 0:
-                out.append(_text(x0 - 6, py(t) + 4, f"{t:g}", anchor="end", size=10))
+        out += _panel_box(x0, y0, ptitle, ticks, py, p % cols == 0)
         if reference is not None:
             out.append(f'<line x1="{x0:.1f}" x2="{x0 + PANEL_W:.1f}" y1="{py(reference):.1f}" y2="{py(reference):.1f}" stroke="#555" stroke-dasharray="4 3"/>')
         for v in xs:
@@ -147,10 +161,7 @@ def line_panels(
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(pts))
             out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"><title>{html.escape(name)}</title></polyline>')
             out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{html.escape(name)}: {y:.6g}</title></circle>' for x, y in pts]
-    out.append(_text(16, MARGIN_T + PANEL_H / 2, ylabel, extra=f'transform="rotate(-90 16 {MARGIN_T + PANEL_H / 2:.1f})"'))
-    out += _legend(names, width, legend_top)
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + _chart_end(ylabel, names, width, legend_top)
 
 
 def bar_panels(
@@ -162,21 +173,11 @@ def bar_panels(
     ticks = _nice_ticks(0.0, max(ys) * 1.05 if ys else 1.0)
     hi = ticks[-1]
     width, height, cols, legend_top = _layout(len(panels), title, names, columns)
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" font-family="sans-serif">',
-        f'<rect width="100%" height="100%" fill="white"/>',
-        _text(width / 2, 18, title, size=13, extra='font-weight="bold"'),
-    ]
+    out = _chart_start(width, height, title)
     for p, (ptitle, groups, ser) in enumerate(panels):
         x0, y0 = _origin(p, cols)
         y1 = y0 + PANEL_H
-        out.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{PANEL_W:.1f}" height="{PANEL_H:.1f}" fill="none" stroke="#999"/>')
-        out.append(_text(x0 + PANEL_W / 2, y0 - 8, ptitle))
-        for t in ticks:
-            y = y1 - t / hi * PANEL_H
-            out.append(f'<line x1="{x0:.1f}" x2="{x0 + PANEL_W:.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-            if p % cols == 0:
-                out.append(_text(x0 - 6, y + 4, f"{t:g}", anchor="end", size=10))
+        out += _panel_box(x0, y0, ptitle, ticks, lambda t: y1 - t / hi * PANEL_H, p % cols == 0)
         present = [n for n in names if n in ser]
         gw = PANEL_W / max(len(groups), 1)
         bw = 0.8 * gw / max(len(present), 1)
@@ -192,24 +193,13 @@ def bar_panels(
                     f'<rect x="{gx + j * bw:.1f}" y="{y1 - h:.1f}" width="{bw * 0.92:.1f}" height="{h:.1f}" fill="{_color(name, names.index(name))}">'
                     f"<title>{html.escape(name)} {html.escape(label)}: {v:.6g}</title></rect>"
                 )
-    out.append(_text(16, MARGIN_T + PANEL_H / 2, ylabel, extra=f'transform="rotate(-90 16 {MARGIN_T + PANEL_H / 2:.1f})"'))
-    out += _legend(names, width, legend_top)
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
-
-
-def _gmean(xs: Sequence[float]) -> Optional[float]:
-    xs = [x for x in xs if x is not None and x > 0 and math.isfinite(x)]
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
-def _mean(xs: Sequence[float]) -> Optional[float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else None
+    return "\n".join(out) + "\n" + _chart_end(ylabel, names, width, legend_top)
 
 
 def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
     """File name -> SVG: throughput relative to 1F1B, and bubble fraction, against P."""
+    from .bench import _gmean, _mean
+
     rows = sim.get("rows", [])
     odd = [r for r in rows if r["microbatches"] % r["stages"]]
     if odd:
@@ -227,7 +217,8 @@ def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
         for P in stages:
             at = [r for r in sel if r["stages"] == P]
             for s in schedules:
-                sp[s].append((P, _gmean([r["structures_per_s"].get(s, 0) / r["structures_per_s"]["1f1b"] for r in at if r["structures_per_s"].get("1f1b")])))
+                thr = [r["structures_per_s"] for r in at]
+                sp[s].append((P, _gmean([t[s] / t["1f1b"] for t in thr if t.get(s) and t.get("1f1b")])))
                 bu[s].append((P, _mean([r["schedules"][s]["bubble_fraction"] for r in at if s in r["schedules"]])))
         label = "M = P" if f == 1 else f"M = {f}P"
         speed.append((label, sp))

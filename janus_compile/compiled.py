@@ -60,13 +60,21 @@ class CompiledMLIP(nn.Module):
         twin._node_times = dict(self._node_times)
         twin._inductor = dict(self._inductor)
         twin.graph_parallel_reports = dict(self.graph_parallel_reports)
-        if options.dump_dir and twin._joint_graphs:
-            graph = twin._joint_graphs[0]
-            dump_graphs(options.dump_dir, twin._force_graphs[0], graph)
-            if id(graph) in twin._partitions:
-                dump_partition(options.dump_dir, twin._partitions[id(graph)], graph)
-            twin._dumped = True
+        if twin._joint_graphs:
+            twin._dump_once(twin._force_graphs[0], twin._joint_graphs[0])
         return twin
+
+    def _dump_once(self, fg: ForceGraph, graph: JointGraph) -> None:
+        """With ``dump_dir``, the first time: the graphs, the partition in use and the
+        graph-parallel report."""
+        if not self.options.dump_dir or self._dumped:
+            return
+        dump_graphs(self.options.dump_dir, fg, graph)
+        if id(graph) in self._partitions:
+            dump_partition(self.options.dump_dir, self._partitions[id(graph)], graph)
+        if id(graph) in self.graph_parallel_reports:
+            dump_graph_parallel(self.options.dump_dir, self.graph_parallel_reports[id(graph)], self.options.graph_parallel)
+        self._dumped = True
 
     # -- graph selection -----------------------------------------------------------------
     def force_graph(self, batch: AtomsBatch) -> ForceGraph:
@@ -98,13 +106,7 @@ class CompiledMLIP(nn.Module):
         self._joint_graphs.append(graph)
         if self._distributed:
             self._partitions[id(graph)] = self._partition(graph, batch)
-        if self.options.dump_dir and not self._dumped:
-            dump_graphs(self.options.dump_dir, fg, graph)
-            if self._distributed:
-                dump_partition(self.options.dump_dir, self._partitions[id(graph)], graph)
-            if id(graph) in self.graph_parallel_reports:
-                dump_graph_parallel(self.options.dump_dir, self.graph_parallel_reports[id(graph)], self.options.graph_parallel)
-            self._dumped = True
+        self._dump_once(fg, graph)
         return graph
 
     @property

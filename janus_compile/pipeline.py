@@ -249,10 +249,9 @@ def plan_sharing_problem(
     if targets != like.joint.target_fields:
         return f"the example's labels {targets} differ from its {like.joint.target_fields} (the loss reads other fields)"
     mine = capture_force_graph(model, example_mb)
-    theirs = like.compiled.force_graph(example_mb)
-    if mine.batch_fields != theirs.batch_fields:
-        return f"the example's fields {mine.batch_fields} differ from its {theirs.batch_fields}"
-    difference = graph_difference(mine, theirs)
+    if mine.batch_fields != like.joint.batch_fields:
+        return f"the example's fields {mine.batch_fields} differ from its {like.joint.batch_fields}"
+    difference = graph_difference(mine, like.compiled.force_graph(example_mb))  # its cached graph: the checks above match it
     if difference:
         return f"the model differs: {difference}"
     theirs_opts = like.compiled.options
@@ -302,10 +301,11 @@ class PipelineTrainer:
     it is calibrated with measured times); `train` then runs this rank's share in this
     process. Results (losses, trained weights, gradients) are the same on every rank.
 
-    ``plan_like``: a trainer built earlier for the same architecture, example sizes,
-    loss and partitioning options, whose capture, calibration and partitions (every K
-    tried, with their measured group times and rebalanced splits) this one reuses; only
-    the schedule is made again. For a sweep over M (or a GPipe beside WaveK): the split
+    ``plan_like``: a trainer built earlier for the same model graph, example sizes,
+    labels, loss and partitioning options, whose joint graph, calibration and partitions
+    (every K tried, with their measured group times and rebalanced splits) this one
+    reuses; the model's force graph is captured again only to compare it, and the
+    schedule is made again. For a sweep over M (or a GPipe beside WaveK): the split
     does not depend on them, and planning it is the costly part.
     """
 
@@ -329,7 +329,6 @@ class PipelineTrainer:
         if schedule == "hanayo" and chunks == 1:
             chunks = 2  # Hanayo is a wave schedule: two chunks per rank
         self.chunks_asked: Union[int, str] = chunks
-        self._plan_like = plan_like
         # (K -> partition, K -> rebalanced alternative or None, errors of the K's skipped):
         # what `_plan` solved, for a later trainer's ``plan_like``
         self._candidates: Optional[Tuple[Dict[int, Any], Dict[int, Any], List[Exception]]] = None
@@ -359,7 +358,7 @@ class PipelineTrainer:
         shared: Optional[Dict[str, Any]] = None
         try:
             if self.torchrun is None or self.torchrun[0] == 0:
-                shared = self._plan(model, example_batch, partition, options)
+                shared = self._plan(model, example_batch, partition, options, plan_like)
         except Exception as exc:
             if self.torchrun is None:
                 raise
@@ -424,7 +423,9 @@ class PipelineTrainer:
             alternative.rebalanced_from = info["measured_rank_s"]
         return (second if kept else first), info
 
-    def _plan(self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    def _plan(
+        self, model: nn.Module, example_batch: AtomsBatch, partition: str, options: Mapping[str, Any], like: Optional["PipelineTrainer"]
+    ) -> Dict[str, Any]:
         """Compile, partition and schedule (sets .compiled, .joint, .partition, .dag); what
         every rank needs to run, as one picklable dict."""
         from .passes.wavek import make_programs
@@ -436,8 +437,6 @@ class PipelineTrainer:
             stages=self.stages, chunks=1 if auto else self.chunks, microbatches=microbatches, schedule=schedule,
             partition=partition, data_parallel=self.data_parallel, graph_parallel=self.graph_parallel, **options,
         )
-        like = self._plan_like
-        self._plan_like = None  # not kept: it holds the other trainer's model and graphs
         if like is not None:
             opts = JanusOptions.from_mapping(settings)
             reason = plan_sharing_problem(like, model, self.loss, example_mb, opts, self.chunks_asked)

@@ -139,10 +139,12 @@ def start_method() -> str:
             # read when the server starts (this launch); later calls change nothing
             multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
             _server_environment = _startup_variables()
-        elif _server_environment is not None and _startup_variables() != _server_environment:
-            changed = sorted(set(_startup_variables().items()) ^ set(_server_environment.items()))
-            log.info("%s changed since the forkserver started: this launch spawns its workers", sorted({k for k, _ in changed}))
-            return "spawn"
+        elif _server_environment is not None:
+            now = _startup_variables()
+            changed = sorted(k for k in now.keys() | _server_environment.keys() if now.get(k) != _server_environment.get(k))
+            if changed:
+                log.info("%s changed since the forkserver started: this launch spawns its workers", changed)
+                return "spawn"
     return method
 
 
