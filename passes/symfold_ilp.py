@@ -83,6 +83,7 @@ OPTIMIZER_COPIES = 4
 STATUS_OPTIMAL = "optimal"
 STATUS_TIME_LIMIT = "feasible (time limit)"
 STATUS_EVEN = "even (no solver)"
+STATUS_SOLVER_FAILED = "MIP start (solver failed)"
 ORDERS: Tuple[str, ...] = ("chain", "dag")
 
 
@@ -619,6 +620,15 @@ def _solver(problem: PartitionProblem, time_limit: float, log_path: str, tmp_dir
     return solver
 
 
+def _file_tail(path: str, chars: int = 300) -> str:
+    """The end of a solver log, for an error message ('' when there is none)."""
+    try:
+        with open(path) as f:
+            return f.read()[-chars:].strip()
+    except OSError:
+        return ""
+
+
 _BEST_POSSIBLE_RE = re.compile(r"best possible\s+([-+0-9.eE]+)")
 _LOWER_BOUND_RE = re.compile(r"^Lower bound:\s*([-+0-9.eE]+)", re.MULTILINE)
 
@@ -730,7 +740,19 @@ def solve_partition(
         # the limit covers the whole call: CBC gets what the MIP start left (at least 10 %)
         cbc_limit = max(problem.time_limit_s - (time.perf_counter() - t0), 0.1 * problem.time_limit_s)
         solver = _solver(problem, cbc_limit, log_path, tmp, warm=warm)
-        status = solve_with_deadline(lambda: prob.solve(solver), tmp, cbc_deadline_s(cbc_limit))
+        try:
+            status = solve_with_deadline(lambda: prob.solve(solver), tmp, cbc_deadline_s(cbc_limit))
+        except pulp.PulpSolverError as exc:  # CBC exited with an error (it rarely crashes on a model)
+            solve_s = time.perf_counter() - t_solve
+            tail = _file_tail(log_path)
+            if start is None:
+                raise PartitionError(
+                    f"CBC failed after {solve_s:.3g} s on {n} units onto {v} chunks ({exc}) with no MIP start to fall "
+                    f"back on. Its log ends: {tail!r}. Try again with another `seed` or time_limit_s, or use fewer "
+                    "(coarser) units."
+                ) from exc
+            log.warning("CBC failed after %.3g s (%s; its log ends %r): the polished MIP start is the answer", solve_s, exc, tail)
+            return _answer(problem, list(start), STATUS_SOLVER_FAILED, [_combinatorial_bound(problem)], t0, lp_text, num_vars, num_cons, baseline)
         solve_s = time.perf_counter() - t_solve
         if status is None:  # CBC was stopped: the MIP start is the answer
             if start is None:

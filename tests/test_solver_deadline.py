@@ -78,3 +78,51 @@ def test_lp_relaxation_stopped_at_its_deadline_gives_no_bound(monkeypatch, tmp_p
     assert symfold_ilp._relaxation_bound(problem, 30.0, str(tmp_path)) is not None
     monkeypatch.setattr(symfold_ilp, "cbc_deadline_s", lambda limit: 0.0)
     assert symfold_ilp._relaxation_bound(problem, 30.0, str(tmp_path)) is None
+
+
+def _failing_cbc(monkeypatch, tmp_path):
+    """Point pulp's CBC at a real program that exits with an error, as CBC does when it crashes."""
+    fake = tmp_path / "cbc"
+    fake.write_text("#!/bin/sh\necho 'Segmentation fault (core dumped)'\nexit 139\n")
+    fake.chmod(0o755)
+    make = symfold_ilp._solver
+
+    def solver(*args, **kwargs):
+        s = make(*args, **kwargs)
+        s.path = str(fake)
+        return s
+
+    monkeypatch.setattr(symfold_ilp, "_solver", solver)
+
+
+def test_ilp_whose_solver_fails_answers_with_its_start(monkeypatch, tmp_path, caplog):
+    """CBC exiting with an error is not the end of planning: the polished MIP start is a
+    valid answer, and the warning says what happened."""
+    from janus_compile.passes.symfold_ilp import STATUS_SOLVER_FAILED
+
+    units = [Unit(f"u{i}", {"F": c, "G": 1.7 * c, "GG": 2.5 * c, "FB": 2.2 * c}) for i, c in enumerate([1.0, 2.0, 1.5, 0.5] * 10)]
+    edges = [UnitEdge(i, i + 1, 1e6) for i in range(len(units) - 1)]
+    problem = PartitionProblem(units=units, edges=edges, stages=4, chunks=2, time_limit_s=30.0)
+    _failing_cbc(monkeypatch, tmp_path)
+    with caplog.at_level("WARNING"):
+        sol = solve_partition(problem)
+    assert sol.status == STATUS_SOLVER_FAILED
+    a = sol.chunk_of_unit
+    assert sorted(set(a)) == list(range(8)) and all(a[e.src] <= a[e.dst] for e in edges)
+    assert sol.bound is not None and sol.bound <= sol.objective
+    assert sol.imbalance < 1.2
+    assert "CBC failed" in caplog.text and "Segmentation fault" in caplog.text
+
+
+def test_ilp_whose_solver_fails_without_a_start_says_so(monkeypatch, tmp_path):
+    """Under a memory cap that no in-order split meets there is no start to fall back on:
+    the error names the failure and what to try."""
+    from janus_compile.passes.symfold_ilp import PartitionError
+
+    units = [Unit(f"u{i}", {"F": 1.0, "G": 1.0, "GG": 1.0, "FB": 1.0}, stash_bytes=1e6 * (1 + i % 3)) for i in range(12)]
+    edges = [UnitEdge(i, i + 1, 1e3) for i in range(len(units) - 1)]
+    problem = PartitionProblem(units=units, edges=edges, stages=2, chunks=2, time_limit_s=5.0, order="dag", memory_cap_bytes=None)
+    _failing_cbc(monkeypatch, tmp_path)
+    monkeypatch.setattr(symfold_ilp, "_mip_start", lambda *a, **k: None)
+    with pytest.raises(PartitionError, match="CBC failed .* no MIP start"):
+        solve_partition(problem)
