@@ -646,6 +646,7 @@ def _sim_schedules(
             sim = programs.meta["simulated"]
             cand = {
                 "chunks": key[1], "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"],
+                "efficiency_bound": sim.get("efficiency_bound"),
                 "bubble_fraction": sim["bubble_fraction"], "peak_in_flight": max(sim["peak_in_flight"]),
                 "peak_stash_bytes": max(sim["peak_stash_bytes"], default=0.0),
                 "peak_memory_bytes": max(programs.meta.get("wavek_memory_bytes") or memory_of(programs)),
@@ -713,8 +714,10 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
             keys = {("unfolded", 1)} | {("symfold", k) for k in [*cfg.sim_chunks, *hanayo_chunks(cfg.sim_chunks)]}
             for method, K in sorted(keys):
                 try:
+                    # the ILP prices transfers at the simulated link's speed
                     parts[(method, K)] = partition_graph(
-                        sm.joint.gm, P, K, method, node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s
+                        sm.joint.gm, P, K, method, node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s,
+                        bandwidth_bytes_per_s=bandwidth,
                     )
                 except Exception as exc:  # a partition the model cannot give: reported, not fatal
                     errors[f"{method} K={K}"] = f"{type(exc).__name__}: {exc}"
@@ -742,6 +745,8 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                         "wavek@count-P/hanayo": _ratio(thr.get(COUNT_CAP), thr.get("hanayo")),
                     },
                     "wavek_efficiency": res.get("wavek", {}).get("efficiency"),
+                    # the most any schedule reaches on WaveK's partition: what is left is fill, drain and imbalance
+                    "wavek_efficiency_bound": res.get("wavek", {}).get("efficiency_bound"),
                     "wavek_eqmem_efficiency": res.get(EQUAL_MEMORY, {}).get("efficiency"),
                     "wavek_count_efficiency": res.get(COUNT_CAP, {}).get("efficiency"),
                     "imbalance": {f"{m} K={k}": p.imbalance() for (m, k), p in parts.items()},
@@ -799,6 +804,7 @@ def sim_averages(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "wavek/1f1b_gmean": _gmean([r["ratios"]["wavek/1f1b"] for r in sel]),
                 "wavek/hanayo_gmean": _gmean([r["ratios"]["wavek/hanayo"] for r in sel]),
                 "wavek_efficiency": _mean([r["wavek_efficiency"] for r in sel]),
+                "wavek_efficiency_bound": _mean([r.get("wavek_efficiency_bound") for r in sel]),
                 "wavek@1f1b-mem/1f1b": _mean([r["ratios"].get("wavek@1f1b-mem/1f1b") for r in sel]),
                 "wavek_eqmem_efficiency": _mean([r.get("wavek_eqmem_efficiency") for r in sel]),
                 "wavek@count-P/1f1b": _mean([r["ratios"].get("wavek@count-P/1f1b") for r in sel]),
@@ -954,7 +960,7 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
     scheds = [s for s in SCHEDULES if any(s in r["schedules"] for r in rows)]
     head = (
         "| model | blocks | P | M | " + " | ".join(f"{s} str/s" for s in scheds)
-        + " | wavek K | hanayo K | wavek cap | wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem: wavek, hanayo "
+        + " | wavek K | hanayo K | wavek cap | wavek/1f1b | wavek/hanayo | wavek eff. (bound) | mem / 1f1b mem: wavek, hanayo "
         + "| P in flight: wavek/1f1b | wavek/hanayo | wavek eff. | mem / 1f1b mem "
         + "| at 1F1B's mem: wavek cap | wavek/1f1b | wavek eff. |"
     )
@@ -967,21 +973,21 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
             f"| {r['model']} | {r['layers']} | {r['stages']} | {r['microbatches']} | "
             + " | ".join(_fmt(thr.get(s), ".1f") for s in scheds)
             + f" | {wk.get('chunks', 'n/a')} | {r['schedules'].get('hanayo', {}).get('chunks', 'n/a')} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(ra['wavek/1f1b'])} | {_fmt(ra['wavek/hanayo'])} "
-            + f"| {_fmt(r['wavek_efficiency'])} | {_fmt(_memory_ratio(r, 'wavek'))}, {_fmt(_memory_ratio(r, 'hanayo'))} "
+            + f"| {_fmt(r['wavek_efficiency'])} ({_fmt(r.get('wavek_efficiency_bound'))}) | {_fmt(_memory_ratio(r, 'wavek'))}, {_fmt(_memory_ratio(r, 'hanayo'))} "
             + f"| {_fmt(ra.get('wavek@count-P/1f1b'))} | {_fmt(ra.get('wavek@count-P/hanayo'))} | {_fmt(r.get('wavek_count_efficiency'))} "
             + f"| {_fmt(_memory_ratio(r, COUNT_CAP))} "
             + f"| {_cap_text(eq.get('wavek_cap'))} | {_fmt(ra.get('wavek@1f1b-mem/1f1b'))} | {_fmt(r.get('wavek_eqmem_efficiency'))} |"
         )
     lines += [
         "",
-        "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency | P in flight: wavek/1f1b "
+        "| P | rows | wavek/1f1b mean (geo) | wavek/hanayo mean (geo) | wavek efficiency (bound) | P in flight: wavek/1f1b "
         "| wavek/hanayo | wavek efficiency | at 1F1B's mem: wavek/1f1b | wavek efficiency |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in sim["averages"]:
         lines.append(
             f"| {a['stages']} | {a['n']} | {_fmt(a['wavek/1f1b'])} ({_fmt(a['wavek/1f1b_gmean'])}) | "
-            f"{_fmt(a['wavek/hanayo'])} ({_fmt(a['wavek/hanayo_gmean'])}) | {_fmt(a['wavek_efficiency'])} "
+            f"{_fmt(a['wavek/hanayo'])} ({_fmt(a['wavek/hanayo_gmean'])}) | {_fmt(a['wavek_efficiency'])} ({_fmt(a.get('wavek_efficiency_bound'))}) "
             f"| {_fmt(a.get('wavek@count-P/1f1b'))} | {_fmt(a.get('wavek@count-P/hanayo'))} | {_fmt(a.get('wavek_count_efficiency'))} "
             f"| {_fmt(a.get('wavek@1f1b-mem/1f1b'))} | {_fmt(a.get('wavek_eqmem_efficiency'))} |"
         )

@@ -188,6 +188,11 @@ class CompiledMLIP(nn.Module):
         from .passes.symfold import partition_graph
 
         opts = self.options
+        # On GPUs the ILP prices transfers at the link speed the schedule is simulated with.
+        # On CPU ranks it keeps its conservative default (`PartitionProblem`): gloo moves a
+        # few GB/s and every copy also takes the ranks' CPU, which the simulator charges
+        # apart from the link (`copy_cost`) and the ILP does not.
+        link = {"bandwidth_bytes_per_s": opts.link_bytes_per_s} if opts.device != "cpu" else {}
         return partition_graph(
             graph.gm,
             opts.stages,
@@ -200,6 +205,7 @@ class CompiledMLIP(nn.Module):
             microbatches_in_flight=opts.microbatches_in_flight,
             replicate=opts.replicate,
             order=opts.unit_order,
+            **link,
         )
 
     def partition(self, batch: AtomsBatch):

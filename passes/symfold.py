@@ -238,8 +238,9 @@ def _linear_cuts(costs: Sequence[float], pieces: int) -> List[int]:
     return piece
 
 
-def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem, stages: int) -> Dict[str, int]:
-    """Stage of every node under the unfolded 1F1B partition."""
+def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem, stages: int) -> Tuple[Dict[str, int], float]:
+    """Stage of every node under the unfolded 1F1B partition, and the slowest stage's
+    seconds per micro-batch."""
     L = len(units.names)
     chain = [("F", u) for u in range(L)] + [("G", u) for u in reversed(range(L))]
     cost = []
@@ -247,6 +248,9 @@ def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem,
         c = problem.units[u].cost
         cost.append(c.get("F", 0) + c.get("FB", 0) if half == "F" else c.get("G", 0) + c.get("GG", 0))
     piece = _linear_cuts(cost, stages)
+    stage_time = [0.0] * stages
+    for k, c in enumerate(cost):
+        stage_time[piece[k]] += c
     stage_of = {item: piece[k] for k, item in enumerate(chain)}
     override = {}
     for n in compute_nodes(graph):
@@ -255,7 +259,58 @@ def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem,
             continue
         half = "F" if n.meta[PHASE] in ("F", "FB") else "G"
         override[n.name] = stage_of[(half, u)]
-    return override
+    return override, max(stage_time)
+
+
+def _busiest_link_seconds(plan: SplitPlan, out_bytes: Mapping[str, float], bandwidth_bytes_per_s: float) -> float:
+    """Seconds per micro-batch on the busiest (sending stage, receiving stage) link: each
+    value sent once per reading stage. A link is a pipeline stage of its own (the
+    simulator serialises messages per channel), so a cut through per-edge tensors can
+    make it the slowest one."""
+    producer = {name: key for key, g in plan.groups.items() for name in g.outputs}
+    sent = set()
+    for key, g in plan.groups.items():
+        for name in g.inputs:
+            src = producer.get(name)
+            if src is not None and src[0] != key[0]:
+                sent.add((name, src[0], key[0]))
+    load: Dict[Tuple[int, int], float] = {}
+    for name, a, b in sent:
+        load[(a, b)] = load.get((a, b), 0.0) + float(out_bytes.get(name, 0.0))
+    return max(load.values(), default=0.0) / bandwidth_bytes_per_s
+
+
+def _unfolded_split(
+    gm: fx.GraphModule, fine: Units, node_times: Mapping[str, float], out_bytes: Mapping[str, float],
+    param_bytes: Mapping[str, float], stages: int, ilp_options: Mapping[str, object],
+) -> Tuple[Units, PartitionProblem, SplitPlan]:
+    """1F1B's baseline: the chain cut by the DP on the coarsest units that give P items,
+    on the fine units SymFold starts from, and, where those miss the balance target (a
+    unit heavier than a stage's share: the geometry prologue at ~1000 atoms), on heavy
+    units cut into segments, as SymFold does. Finer cuts balance compute but may cut
+    through per-edge tensors, so the split kept is the one whose slowest stage or link
+    (a link is a stage of its own: the simulator serialises messages per channel) is
+    fastest; the coarse one on a tie."""
+    graph = gm.graph
+    candidates = [build_units(graph, min_units=max(1, (stages + 1) // 2)), fine]
+    best = None
+    while candidates:
+        units = candidates.pop(0)
+        if best is not None and units.names == best[1].names:
+            continue
+        problem = build_problem(graph, units, node_times, out_bytes, param_bytes, stages, 1, **ilp_options)
+        override, slowest = _unfolded_override(graph, units, problem, stages)
+        plan = split_graph(gm, units, [0] * len(units.names), stages, UNFOLDED, chunk_override=override)
+        score = max(slowest, _busiest_link_seconds(plan, out_bytes, problem.bandwidth_bytes_per_s))
+        mean = sum(u.total_cost() for u in problem.units) / stages
+        log.info("unfolded on %d units: max/mean stage %.3f, slowest stage or link %.4g s", len(units.names), slowest / mean if mean else 1.0, score)
+        if best is None or score < best[0]:
+            best = (score, units, problem, plan)
+        if units is fine and mean > 0 and slowest / mean > BALANCE_TARGET:
+            cut = segment_units(graph, fine, node_times, out_bytes, mean)
+            if len(cut.names) > len(fine.names):
+                candidates.append(cut)
+    return best[1], best[2], best[3]
 
 
 def partition_graph(
@@ -297,7 +352,8 @@ def partition_graph(
         node_times = {name: v[0] * 1e-10 + v[1] * 1e-10 + 2e-6 for name, v in evaluated.items()}
     param_bytes = _param_bytes(graph)
     # Finer units balance better; ask for a few per chunk (coarser if the model has no more).
-    units = build_units(graph, min_units=UNITS_PER_CHUNK * V if method != "unfolded" else max(1, (stages + 1) // 2))
+    # the unfolded chain is cut by an exact DP, which balances better the finer its items are
+    units = build_units(graph, min_units=UNITS_PER_CHUNK * V)
     if method != "unfolded" and len(units.names) < V:
         raise PartitionError(
             f"{V} chunks (stages={stages} × chunks={chunks}) but the model has only "
@@ -372,8 +428,7 @@ def partition_graph(
                 replicas.setdefault(orig, []).append(pinned[copy])
         plan = split_graph(gm, units, chunk_of_unit, V, FOLDED, chunk_override=pinned)
     else:
-        override = _unfolded_override(graph, units, problem, stages)
-        plan = split_graph(gm, units, [0] * len(units.names), stages, UNFOLDED, chunk_override=override)
+        units, problem, plan = _unfolded_split(gm, units, node_times, out_bytes, param_bytes, stages, ilp_options)
     part = Partition(
         method, stages, chunks if method != "unfolded" else 1, units, plan, problem, dict(node_times), out_bytes, param_bytes,
         solution, chunk_of_unit, replicas,

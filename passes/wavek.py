@@ -438,6 +438,34 @@ def _tails(dag: PipelineDAG, cost: Mapping[GroupKey, float]) -> Dict[GroupKey, f
     return tail
 
 
+def _heads(dag: PipelineDAG) -> Dict[GroupKey, float]:
+    """Earliest start of each group for one micro-batch: the longest path (compute +
+    transfers) from the step's start to it."""
+    head: Dict[GroupKey, float] = {}
+    for g in dag.groups:
+        head[g] = max((head[d] + dag.cost[d] + dag.comm_time(d, g) for d in dag.deps[g]), default=0.0)
+    return head
+
+
+def makespan_lower_bound(dag: PipelineDAG) -> float:
+    """No schedule of ``dag`` finishes sooner: rank r can start nothing before its
+    earliest group could (the fill), must run all its M micro-batches' work, and after
+    its last group ends the rest of that micro-batch's path still runs (the drain); nor
+    can one micro-batch's own critical path be beaten. Messages' CPU cost is left out,
+    which keeps the bound valid. ideal / bound is the efficiency no schedule on this
+    partition and these links exceeds: what the partition's imbalance and the pipeline's
+    fill and drain allow."""
+    head, tail = _heads(dag), _tails(dag, dag.cost)
+    best = max(tail.values(), default=0.0)
+    for r in range(dag.stages):
+        on = dag.groups_on(r)
+        if not on:
+            continue
+        work = dag.microbatches * sum(dag.cost[g] for g in on)
+        best = max(best, min(head[g] for g in on) + work + min(tail[g] - dag.cost[g] for g in on))
+    return best
+
+
 PriorityFn = Callable[[int, int], Tuple]
 RULES = ("deadline:0.2", "deadline:0.35", "deadline:0.5", "deadline:1", "critical_path", "backward_first")
 
@@ -986,6 +1014,8 @@ def make_programs(dag: PipelineDAG, schedule: str = "wavek", **kw: Any) -> Progr
         "makespan_s": sim.makespan,
         "bubble_fraction": sim.bubble_fraction,
         "efficiency": sim.efficiency,
+        # the most any schedule could reach on this partition (`makespan_lower_bound`)
+        "efficiency_bound": sim.ideal / bound if (bound := makespan_lower_bound(dag)) > 0 else 1.0,
         "peak_in_flight": sim.peak_in_flight,
         "peak_stash_bytes": sim.peak_stash_bytes,
     }

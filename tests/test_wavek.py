@@ -417,3 +417,46 @@ def test_search_keeps_within_the_tie_of_the_fastest_and_never_behind_the_baselin
         for rule, _, ms in res.candidates:
             if rule in ("phase_agnostic", "gpipe"):
                 assert res.makespan <= ms + 1e-12
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from janus_compile.passes.wavek import makespan_lower_bound
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    stages=st.integers(1, 5),
+    chunks=st.integers(1, 2),
+    factor=st.integers(1, 3),
+    costs=st.tuples(*[st.floats(0.1, 3.0) for _ in range(4)]),
+    latency=st.sampled_from([0.0, 0.05]),
+)
+def test_no_schedule_beats_the_makespan_lower_bound(stages, chunks, factor, costs, latency):
+    """Every schedule's simulated makespan is at least the bound, so the reported
+    efficiency bound is never below a reached efficiency."""
+    pc = dict(zip(("F", "G", "GG", "FB"), costs))
+    M = factor * stages
+    folded = PipelineDAG.synthetic(stages, chunks, M, pc, boundary_bytes=1e6, bandwidth_bytes_per_s=1e7, latency_s=latency)
+    unfolded = PipelineDAG.synthetic(stages, 1, M, pc, layout="unfolded", boundary_bytes=1e6, bandwidth_bytes_per_s=1e7, latency_s=latency)
+    for dag, schedules in ((folded, ["gpipe", "wavek"] + (["hanayo"] if stages > 1 else [])), (unfolded, ["gpipe", "1f1b"])):
+        bound = makespan_lower_bound(dag)
+        for schedule in schedules:
+            sim = make_programs(dag, schedule).meta["simulated"]
+            assert sim["makespan_s"] >= bound * (1 - 1e-12), (schedule, sim["makespan_s"], bound)
+            assert sim["efficiency"] <= sim["efficiency_bound"] * (1 + 1e-12)
+
+
+def test_makespan_lower_bound_is_tight_where_it_should_be():
+    """One rank: no fill, no drain, the bound is the work. One micro-batch: the bound is
+    its critical path, which every schedule reaches."""
+    pc = {"F": 1.0, "G": 1.5, "GG": 2.0, "FB": 2.5}
+    one_rank = PipelineDAG.synthetic(1, 1, 6, pc)
+    assert makespan_lower_bound(one_rank) == pytest.approx(6 * 7.0)
+    chain = PipelineDAG.synthetic(4, 1, 1, pc, boundary_bytes=1e6, bandwidth_bytes_per_s=1e7)
+    assert makespan_lower_bound(chain) == pytest.approx(simulate(make_programs(chain, "gpipe"), chain).makespan)
+    # P = 4, M = 4P (phase costs are per rank): the top rank waits for P - 1 F tasks,
+    # runs its 16 micro-batches' work, and the last FB still runs down P - 1 ranks
+    dag = PipelineDAG.synthetic(4, 1, 16, pc)
+    assert makespan_lower_bound(dag) == pytest.approx(3 * pc["F"] + 16 * 7.0 + 3 * pc["FB"])
