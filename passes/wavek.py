@@ -448,21 +448,27 @@ def _heads(dag: PipelineDAG) -> Dict[GroupKey, float]:
 
 
 def makespan_lower_bound(dag: PipelineDAG) -> float:
-    """No schedule of ``dag`` finishes sooner: rank r can start nothing before its
-    earliest group could (the fill), must run all its M micro-batches' work, and after
-    its last group ends the rest of that micro-batch's path still runs (the drain); nor
-    can one micro-batch's own critical path be beaten. Messages' CPU cost is left out,
-    which keeps the bound valid. ideal / bound is the efficiency no schedule on this
-    partition and these links exceeds: what the partition's imbalance and the pipeline's
-    fill and drain allow."""
+    """No schedule of ``dag`` finishes sooner. For any set S of a rank's groups, the rank
+    runs S's tasks of all M micro-batches one after another; none can start before the
+    earliest of them could (heads: the fill), and after the last one ends the rest of its
+    micro-batch's path still runs (tails: the drain). The best S for a pair (the group
+    with the smallest head, the one with the smallest tail) holds every group whose head
+    and tail are at least theirs, so pairs suffice. One micro-batch's own critical path
+    bounds it too. Messages' CPU cost is left out, which keeps the bound valid.
+
+    ideal / bound is the efficiency no schedule on this partition and these links
+    exceeds: what the partition's imbalance and the pipeline's fill and drain allow."""
     head, tail = _heads(dag), _tails(dag, dag.cost)
+    after = {g: tail[g] - dag.cost[g] for g in dag.groups}
+    M = dag.microbatches
     best = max(tail.values(), default=0.0)
     for r in range(dag.stages):
         on = dag.groups_on(r)
-        if not on:
-            continue
-        work = dag.microbatches * sum(dag.cost[g] for g in on)
-        best = max(best, min(head[g] for g in on) + work + min(tail[g] - dag.cost[g] for g in on))
+        for a in on:
+            for b in on:
+                S = [g for g in on if head[g] >= head[a] and after[g] >= after[b]]
+                if S:  # an empty S bounds nothing
+                    best = max(best, head[a] + M * sum(dag.cost[g] for g in S) + after[b])
     return best
 
 
