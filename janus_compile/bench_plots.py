@@ -196,8 +196,13 @@ def bar_panels(
     return "\n".join(out) + "\n" + _chart_end(ylabel, names, width, legend_top)
 
 
+BOUND = "bound"
+"""Series name of the efficiency bound (`passes.wavek.makespan_lower_bound`) in the charts."""
+
+
 def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
-    """File name -> SVG: throughput relative to 1F1B, and bubble fraction, against P."""
+    """File name -> SVG: throughput relative to 1F1B, bubble fraction, and WaveK's
+    efficiency beside its bound, against P."""
     from .bench import _gmean, _mean
 
     rows = sim.get("rows", [])
@@ -208,14 +213,17 @@ def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
     factors = sorted({r["microbatches"] // r["stages"] for r in rows})
     schedules = list(dict.fromkeys(s for r in rows for s in r["schedules"]))
     models = sorted({r["model"] for r in rows})
-    speed, bubble = [], []
+    speed, bubble, efficiency = [], [], []
     for f in factors:
         sel = [r for r in rows if r["microbatches"] == f * r["stages"]]
         stages = sorted({r["stages"] for r in sel})
         sp: Series = {s: [] for s in schedules}
         bu: Series = {s: [] for s in schedules}
+        ef: Series = {"wavek": [], BOUND: []}
         for P in stages:
             at = [r for r in sel if r["stages"] == P]
+            ef["wavek"].append((P, _mean([r.get("wavek_efficiency") for r in at])))
+            ef[BOUND].append((P, _mean([r.get("wavek_efficiency_bound") for r in at])))
             for s in schedules:
                 thr = [r["structures_per_s"] for r in at]
                 sp[s].append((P, _gmean([t[s] / t["1f1b"] for t in thr if t.get(s) and t.get("1f1b")])))
@@ -223,6 +231,7 @@ def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
         label = "M = P" if f == 1 else f"M = {f}P"
         speed.append((label, sp))
         bubble.append((label, bu))
+        efficiency.append((label, {k: v for k, v in ef.items() if any(y is not None for _, y in v)}))
     where = sim.get("costs", {})
     costs = "this machine's costs" if where.get("timed") == "here" or not where else f"costs timed on {where.get('device_name', where.get('device'))}"
     over = f"{', '.join(models)}; {costs}"
@@ -232,6 +241,10 @@ def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
             reference=1.0,
         ),
         "sim_bubble_vs_p.svg": line_panels(bubble, f"Simulated bubble fraction (mean over {over})", "P (stages)", "bubble fraction"),
+        "sim_efficiency_vs_p.svg": line_panels(
+            efficiency, f"WaveK's simulated efficiency and the most any schedule reaches on its partition (mean over {over})",
+            "P (stages)", "ideal / makespan",
+        ),
     }
 
 

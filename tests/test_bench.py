@@ -129,6 +129,14 @@ def test_simulation_at_p4_gives_finite_ratios():
     assert len(points["wavek"]) == len(points["1f1b"]) == 2 and all(abs(v - 1) < 1e-9 for v in points["1f1b"])
     bubbles = _svg_points(charts["sim_bubble_vs_p.svg"], "circle")
     assert sorted(bubbles["hanayo"]) == pytest.approx(sorted(r["schedules"]["hanayo"]["bubble_fraction"] for r in sim["rows"]), rel=1e-3)
+    # WaveK's efficiency never exceeds the bound any schedule is held to, and the chart plots both
+    for r in sim["rows"]:
+        for s, v in r["schedules"].items():
+            assert 0 < v["efficiency"] <= v["efficiency_bound"] * (1 + 1e-9) <= 1 + 1e-9, (s, v)
+        assert r["wavek_efficiency_bound"] == r["schedules"]["wavek"]["efficiency_bound"]
+    eff = _svg_points(charts["sim_efficiency_vs_p.svg"], "circle")
+    assert sorted(eff["bound"]) == pytest.approx(sorted(r["wavek_efficiency_bound"] for r in sim["rows"]), rel=1e-3)
+    assert sorted(eff["wavek"]) == pytest.approx(sorted(r["wavek_efficiency"] for r in sim["rows"]), rel=1e-3)
 
 
 def _svg_points(svg: str, tag: str) -> dict:
