@@ -242,7 +242,7 @@ def simulated_charts(sim: Mapping[str, Any]) -> Dict[str, str]:
         ),
         "sim_bubble_vs_p.svg": line_panels(bubble, f"Simulated bubble fraction (mean over {over})", "P (stages)", "bubble fraction"),
         "sim_efficiency_vs_p.svg": line_panels(
-            efficiency, f"WaveK's simulated efficiency and the most any schedule reaches on its partition (mean over {over})",
+            efficiency, f"WaveK's simulated efficiency and its bound (mean over {over})",
             "P (stages)", "ideal / makespan",
         ),
     }
