@@ -352,7 +352,7 @@ def partition_graph(
         node_times = {name: v[0] * 1e-10 + v[1] * 1e-10 + 2e-6 for name, v in evaluated.items()}
     param_bytes = _param_bytes(graph)
     # Finer units balance better; ask for a few per chunk (coarser if the model has no more).
-    # the unfolded chain is cut by an exact DP, which balances better the finer its items are
+    # The unfolded baseline also tries coarser ones (`_unfolded_split`).
     units = build_units(graph, min_units=UNITS_PER_CHUNK * V)
     if method != "unfolded" and len(units.names) < V:
         raise PartitionError(
