@@ -87,7 +87,8 @@ class BenchConfig:
     ilp_time_s: Optional[float] = None
     # Trainers reuse an earlier trainer's joint graph, calibration and partitions where
     # only the schedule differs (`PipelineTrainer(plan_like=...)`): the same run at the previous
-    # M; GPipe and WaveK at P in flight the WaveK of the same M. Off: each plans alone.
+    # M; GPipe and WaveK at P in flight the WaveK of the same M. The others reuse the joint
+    # graph and calibration of the first trainer built at that M. Off: each plans alone.
     reuse_plans: bool = True
     # Also run WaveK at 1F1B's memory (EQUAL_MEMORY): its budget is the peak 1F1B itself
     # uses on its worst rank, replayed by passes/memory.py, in-flight caps up to 2P searched.
@@ -345,15 +346,20 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
 
 
 def _plan_source(cfg: BenchConfig, name: str, built: Mapping[str, Any], previous: Mapping[str, Any]) -> Tuple[Optional[str], Any]:
-    """The trainer whose partitions run ``name`` may reuse (`BenchConfig.reuse_plans`), and
-    its run name: WaveK of this M for GPipe and WaveK at P in flight (the same SymFold
-    splits, no memory cap bounding the ILP), else the same run at the previous M. Never
-    for WaveK at 1F1B's memory: its cap, 1F1B's replayed peak, bounds its ILP."""
-    if not cfg.reuse_plans or name == EQUAL_MEMORY:
+    """The trainer whose plan run ``name`` may reuse (`BenchConfig.reuse_plans`), and its
+    run name: WaveK of this M for GPipe and WaveK at P in flight (the same SymFold
+    splits, no memory cap bounding the ILP), else the same run at the previous M (both
+    share partitions), else the first trainer built at this M (1F1B: the joint graph and
+    its calibration are shared, the split is made anew; so for WaveK at 1F1B's memory,
+    whose cap bounds its ILP)."""
+    if not cfg.reuse_plans:
         return None, None
     if name in ("gpipe", COUNT_CAP) and "wavek" in built:
         return "wavek", built["wavek"]
-    return (name, previous[name]) if name in previous else (None, None)
+    if name in previous and name != EQUAL_MEMORY:
+        return name, previous[name]
+    first = next(iter(built), None)
+    return (first, built[first]) if first is not None else (None, None)
 
 
 def run_real(
@@ -395,9 +401,11 @@ def run_real(
                 plan_like=like, **extra
             )
             build_s[name] = time.perf_counter() - t0
+            if like is not None:
+                plan_from[name] += f", {trainers[name].plan_shared}"
             if progress:
                 sim = trainers[name].programs.meta["simulated"]
-                reused = f" (partitions of {plan_from[name]})" if plan_from[name] else ""
+                reused = f" (reused from {plan_from[name]})" if plan_from[name] else ""
                 print(f"  [M={M}] built {name}{reused}: {build_s[name]:.1f} s, simulated step {1e3 * sim['makespan_s']:.2f} ms", flush=True)
         previous = trainers
         from .data import split_microbatches
@@ -463,7 +471,9 @@ def run_real(
                 "rebalance": tr.programs.meta.get("rebalance"),
                 "partition": tr.partition.method,
                 "build_s": build_s[sched],
-                "plan_reused_from": plan_from[sched],  # whose joint graph, calibration and partitions it reused
+                # whose plan it reused, and what: "partitions" (with the joint graph and its
+                # calibration) or "graphs" (the joint graph and its calibration)
+                "plan_reused_from": plan_from[sched],
                 "step_s": st,
                 "structures_per_s": n_struct / st["median"],
                 "atoms_per_s": n_atoms / st["median"],
@@ -1135,7 +1145,8 @@ def add_bench_args(p: Any) -> None:
     p.add_argument(
         "--no-plan-reuse", action="store_true",
         help="plan every trainer alone (default: a run reuses the partitions of the same run at the previous M, "
-        "GPipe and WaveK at P in flight those of WaveK; only the schedule is made again)",
+        "GPipe and WaveK at P in flight those of WaveK, and only the schedule is made again; the others reuse "
+        "the joint graph and calibration of the first trainer built at that M)",
     )
     p.add_argument(
         "--no-equal-memory", action="store_true",

@@ -44,19 +44,20 @@ class CompiledMLIP(nn.Module):
         self.graph_parallel_reports: Dict[int, Any] = {}  # id(joint graph) -> GraphParallelReport
         self._dumped = False
 
-    def sharing_plans(self, model: nn.Module, options: JanusOptions, loss: Optional[LossFn] = None) -> "CompiledMLIP":
+    def sharing_plans(self, model: nn.Module, options: JanusOptions, loss: Optional[LossFn] = None, partitions: bool = True) -> "CompiledMLIP":
         """A compiled ``model`` under ``options`` that reuses what this one captured,
-        calibrated and partitioned: graphs, node times, partitions with their measured
-        group times. For plans that differ only in what comes after partitioning (the
-        schedule for another M): calibration and the ILP are the costly part of planning.
-        The caller checks that ``model`` captures to the same graph
-        (`pipeline.plan_sharing_problem`). The caches (dicts, lists) are copied, so
+        calibrated and (with ``partitions``) partitioned: graphs, node times, partitions
+        with their measured group times. For plans that differ only in what comes after
+        partitioning (the schedule for another M), or, without ``partitions``, in how the
+        graph is split: calibration and the ILP are the costly part of planning. The
+        caller checks that ``model`` captures to the same graph
+        (`pipeline.graph_sharing_problem`). The caches (dicts, lists) are copied, so
         which partition each uses is its own; the graph and partition objects are shared
         and must not be changed."""
         twin = CompiledMLIP(model, options, loss if loss is not None else self.loss)
         twin._force_graphs = list(self._force_graphs)
         twin._joint_graphs = list(self._joint_graphs)
-        twin._partitions = dict(self._partitions)
+        twin._partitions = dict(self._partitions) if partitions else {}
         twin._node_times = dict(self._node_times)
         twin._inductor = dict(self._inductor)
         twin.graph_parallel_reports = dict(self.graph_parallel_reports)

@@ -218,19 +218,20 @@ def _train_worker(
 
 # Options that only the schedule reads: a partition made under one value serves another
 SCHEDULE_ONLY_OPTIONS = frozenset({"microbatches", "schedule", "chunks", "dump_dir", "max_in_flight", "memory_cap_gb"})
+# Options the partitions depend on but not the joint graph and its calibration: a trainer
+# differing in these shares the earlier one's graphs and node times and partitions anew
+PARTITION_OPTIONS = frozenset({"stages", "partition", "replicate", "unit_order", "ilp_time_limit_s", "rebalance", "link_gb_s", "copy_cost"})
 
 
-def plan_sharing_problem(
-    like: "PipelineTrainer", model: nn.Module, loss: Any, example_mb: AtomsBatch, options: JanusOptions, chunks_asked: Union[int, str]
-) -> Optional[str]:
-    """Why a trainer with these arguments cannot reuse ``like``'s partitions, or None.
+def graph_sharing_problem(like: "PipelineTrainer", model: nn.Module, loss: Any, example_mb: AtomsBatch, options: JanusOptions) -> Optional[str]:
+    """Why a trainer with these arguments cannot reuse ``like``'s joint graph and
+    calibration, or None.
 
-    The split depends on the model's graph, the example's sizes and fields, the loss
-    (part of the joint graph) and the partitioning options; M, the schedule and WaveK's
-    in-flight limit enter only where a memory cap bounds the ILP (through the
-    micro-batches a rank holds), so they must agree then. The model is compared by its
-    captured energy+force graph: parameters of the same shapes do not make the same
-    model (a cutoff or any other plain attribute is a constant of the graph)."""
+    They depend on the model's graph, the example's sizes and fields and the loss (part of
+    the joint graph), and on the options outside `SCHEDULE_ONLY_OPTIONS` and
+    `PARTITION_OPTIONS` (device, calibration, the other parallel axes). The model is
+    compared by its captured energy+force graph: parameters of the same shapes do not
+    make the same model (a cutoff or any other plain attribute is a constant of the graph)."""
     import dataclasses
 
     from .passes.capture import capture_force_graph
@@ -238,8 +239,6 @@ def plan_sharing_problem(
 
     if like.compiled is None or like._candidates is None or like.joint is None:
         return "it has no plan in this process (under torchrun only rank 0 plans)"
-    if like.chunks_asked != chunks_asked:
-        return f"chunks {chunks_asked!r} against its {like.chunks_asked!r}"
     if loss != like.loss:
         return f"the loss differs ({loss!r} against {like.loss!r})"
     sizes = size_values_from_batch(example_mb)
@@ -254,15 +253,29 @@ def plan_sharing_problem(
     difference = graph_difference(mine, like.compiled.force_graph(example_mb))  # its cached graph: the checks above match it
     if difference:
         return f"the model differs: {difference}"
-    theirs_opts = like.compiled.options
+    theirs = like.compiled.options
     for f in dataclasses.fields(JanusOptions):
-        if f.name not in SCHEDULE_ONLY_OPTIONS and getattr(options, f.name) != getattr(theirs_opts, f.name):
-            return f"option {f.name!r} is {getattr(options, f.name)!r} against its {getattr(theirs_opts, f.name)!r}"
-    if options.memory_cap_bytes != theirs_opts.memory_cap_bytes:
-        return f"memory cap {options.memory_cap_gb!r} GB against its {theirs_opts.memory_cap_gb!r}: a set cap bounds the ILP"
-    if options.memory_cap_bytes is not None and options.microbatches_in_flight != theirs_opts.microbatches_in_flight:
+        if f.name not in SCHEDULE_ONLY_OPTIONS | PARTITION_OPTIONS and getattr(options, f.name) != getattr(theirs, f.name):
+            return f"option {f.name!r} is {getattr(options, f.name)!r} against its {getattr(theirs, f.name)!r}"
+    return None
+
+
+def partition_sharing_problem(like: "PipelineTrainer", options: JanusOptions, chunks_asked: Union[int, str]) -> Optional[str]:
+    """Why a trainer that may share ``like``'s graphs (`graph_sharing_problem`) must still
+    partition anew, or None. M, the schedule and WaveK's in-flight limit enter the split
+    only where a memory cap bounds the ILP (through the micro-batches a rank holds), so
+    they must agree then."""
+    if like.chunks_asked != chunks_asked:
+        return f"chunks {chunks_asked!r} against its {like.chunks_asked!r}"
+    theirs = like.compiled.options
+    for name in sorted(PARTITION_OPTIONS):
+        if getattr(options, name) != getattr(theirs, name):
+            return f"option {name!r} is {getattr(options, name)!r} against its {getattr(theirs, name)!r}"
+    if options.memory_cap_bytes != theirs.memory_cap_bytes:
+        return f"memory cap {options.memory_cap_gb!r} GB against its {theirs.memory_cap_gb!r}: a set cap bounds the ILP"
+    if options.memory_cap_bytes is not None and options.microbatches_in_flight != theirs.microbatches_in_flight:
         return (
-            f"{options.microbatches_in_flight} micro-batches in flight against its {theirs_opts.microbatches_in_flight} "
+            f"{options.microbatches_in_flight} micro-batches in flight against its {theirs.microbatches_in_flight} "
             "under a memory cap (the ILP's memory bound)"
         )
     return None
@@ -302,11 +315,13 @@ class PipelineTrainer:
     process. Results (losses, trained weights, gradients) are the same on every rank.
 
     ``plan_like``: a trainer built earlier for the same model graph, example sizes,
-    labels, loss and partitioning options, whose joint graph, calibration and partitions
-    (every K tried, with their measured group times and rebalanced splits) this one
-    reuses; the model's force graph is captured again only to compare it, and the
-    schedule is made again. For a sweep over M (or a GPipe beside WaveK): the split
-    does not depend on them, and planning it is the costly part.
+    labels and loss, whose joint graph and calibration this one reuses, and, where the
+    partitioning options and ``chunks`` agree too, its partitions (every K tried, with
+    their measured group times and rebalanced splits); the model's force graph is
+    captured again only to compare it, and the schedule is made again. For a sweep over
+    M (or a GPipe beside WaveK) the split does not depend on them, and planning it is the
+    costly part; 1F1B beside WaveK shares the graph and its calibration.
+    ``plan_shared`` says which: "partitions", "graphs", or None (planned alone).
     """
 
     def __init__(
@@ -329,6 +344,7 @@ class PipelineTrainer:
         if schedule == "hanayo" and chunks == 1:
             chunks = 2  # Hanayo is a wave schedule: two chunks per rank
         self.chunks_asked: Union[int, str] = chunks
+        self.plan_shared: Optional[str] = None  # what ``plan_like`` reused: "partitions" or "graphs"
         # (K -> partition, K -> rebalanced alternative or None, errors of the K's skipped):
         # what `_plan` solved, for a later trainer's ``plan_like``
         self._candidates: Optional[Tuple[Dict[int, Any], Dict[int, Any], List[Exception]]] = None
@@ -437,19 +453,25 @@ class PipelineTrainer:
             stages=self.stages, chunks=1 if auto else self.chunks, microbatches=microbatches, schedule=schedule,
             partition=partition, data_parallel=self.data_parallel, graph_parallel=self.graph_parallel, **options,
         )
+        reuse_partitions = False
         if like is not None:
             opts = JanusOptions.from_mapping(settings)
-            reason = plan_sharing_problem(like, model, self.loss, example_mb, opts, self.chunks_asked)
+            reason = graph_sharing_problem(like, model, self.loss, example_mb, opts)
             if reason:
-                raise ValueError(f"plan_like: this trainer cannot reuse that trainer's partitions: {reason}; build it without plan_like")
-            self.compiled = like.compiled.sharing_plans(model, opts, self.loss)
+                raise ValueError(f"plan_like: this trainer cannot reuse that trainer's graphs: {reason}; build it without plan_like")
+            anew = partition_sharing_problem(like, opts, self.chunks_asked)
+            reuse_partitions = anew is None
+            if anew:
+                log.info("plan_like: reusing the joint graph and its calibration; partitioning again (%s)", anew)
+            self.compiled = like.compiled.sharing_plans(model, opts, self.loss, partitions=reuse_partitions)
+            self.plan_shared = "partitions" if reuse_partitions else "graphs"
         else:
             self.compiled = compile_model(model, example_mb, loss=self.loss, **settings)
         self.joint = self.compiled.joint_graph(example_mb)
         if like is not None and self.joint is not like.joint:  # the checks above should make this impossible
-            raise RuntimeError("plan_like: the example selected another joint graph than the reused partitions were made on")
+            raise RuntimeError("plan_like: the example selected another joint graph than the reused one")
         best = None
-        if like is not None:
+        if reuse_partitions:
             parts, alternatives, failures = like._candidates[0], like._candidates[1], list(like._candidates[2])
             log.info("plan_like: reusing the partitions of K = %s; scheduling M = %d again", sorted(parts), microbatches)
         else:

@@ -68,10 +68,11 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
         if r["rebalance"] and r["rebalance"]["rebalanced_simulated_step_s"] is not None:
             assert f"{s} (simulated {1e3 * r['rebalance']['simulated_step_s']:.0f} →" in text
     assert entry["schedules"]["hanayo"]["chunks"] == 2
-    # GPipe and WaveK at P in flight scheduled WaveK's partitions; the capped row planned alone
+    # GPipe and WaveK at P in flight scheduled WaveK's partitions; the others split anew on
+    # 1F1B's joint graph and calibration (the capped row's cap bounds its ILP)
     assert result["config"]["reuse_plans"] is True
     assert [entry["schedules"][s]["plan_reused_from"] for s in ("1f1b", "hanayo", "wavek", "gpipe", COUNT_CAP, EQUAL_MEMORY)] == [
-        None, None, None, "wavek (M=2)", "wavek (M=2)", None,
+        None, "1f1b (M=2), graphs", "1f1b (M=2), graphs", "wavek (M=2), partitions", "wavek (M=2), partitions", "1f1b (M=2), graphs",
     ]
     assert entry["schedules"]["1f1b"]["partition"] == "unfolded"
     for k in ("wavek/1f1b", "wavek/hanayo", "wavek/gpipe"):

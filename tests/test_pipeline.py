@@ -224,12 +224,40 @@ def test_chunks_auto_is_refused_where_k_is_fixed():
         PipelineTrainer(_model(), random_batch(7, 4), loss=LOSS, stages=2, chunks="auto", microbatches=2, schedule="1f1b", calibrate=False)
 
 
+def test_plan_like_shares_the_graph_and_calibration_where_the_split_differs(monkeypatch):
+    """1F1B beside WaveK, another K or another partition option: the later trainer
+    captures (to compare) but builds no joint graph and calibrates nothing again, makes
+    its own partitions on the shared node times, and trains exactly."""
+    import janus_compile.compiled as compiled_mod
+    import janus_compile.passes.cost as cost_mod
+
+    model = _model()
+    batch = random_batch(8, 8)
+    first = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", rebalance=False)
+    assert first.plan_shared is None
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("built or calibrated again: plan_like should have shared the graph and its node times")
+
+    monkeypatch.setattr(cost_mod, "calibrate", must_not_run)
+    monkeypatch.setattr(compiled_mod, "build_joint_graph", must_not_run)
+    node_times = first.compiled._node_times[id(first.joint)]
+    for kwargs in (dict(schedule="1f1b", chunks=1), dict(chunks=2), dict(replicate="never", stages=2)):
+        args = {**dict(loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", rebalance=False), **kwargs}
+        again = PipelineTrainer(model, batch, plan_like=first, **args)
+        assert again.plan_shared == "graphs", kwargs
+        assert again.joint is first.joint and again.compiled._node_times[id(again.joint)] is node_times
+        assert not any(again.partition is p for p in first._candidates[0].values())
+        assert all(again.partition.node_times[n] == t for n, t in node_times.items())  # split on the shared times
+        _assert_equals_eager(again.gradients(batch), model, batch, f"plan_like sharing graphs {kwargs}")
+
+
 def test_plan_like_reuses_the_partitions_and_stays_exact(monkeypatch):
     """A trainer for another M (or GPipe beside WaveK) built ``plan_like`` an earlier one
     builds no joint graph and calibrates and partitions nothing again (those are made to
     fail here; only the model's energy+force graph is captured, to compare it), keeps the
-    earlier trainer's K's, schedules its own M, and trains exactly; a trainer whose split
-    or graph could differ is refused with the reason."""
+    earlier trainer's K's, schedules its own M, and trains exactly; a trainer whose graph
+    could differ is refused with the reason."""
     import janus_compile.compiled as compiled_mod
     import janus_compile.passes.symfold as symfold_mod
 
@@ -245,6 +273,7 @@ def test_plan_like_reuses_the_partitions_and_stays_exact(monkeypatch):
     batch = random_batch(8, 8)  # M = 4 micro-batches of two structures, as the first trainer's
     for schedule in ("wavek", "gpipe"):
         again = PipelineTrainer(model, batch, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule=schedule, calibrate=False, plan_like=first)
+        assert again.plan_shared == "partitions"
         assert set(again.chunks_tried) == set(first.chunks_tried)
         assert any(again.partition is p for p in first._candidates[0].values())
         assert again.partition.chunks == again.chunks == again.compiled.options.chunks
@@ -257,13 +286,11 @@ def test_plan_like_reuses_the_partitions_and_stays_exact(monkeypatch):
     shorter.load_state_dict(model.state_dict())
     unlabelled = dataclasses.replace(batch, stress=None)
     for kwargs, reason in [
-        (dict(chunks=2), "chunks 2 against its 'auto'"),
-        (dict(memory_cap_gb=1.0), "memory cap"),
         (dict(model=narrower), "the model differs"),
         (dict(model=shorter), "the model differs: its captured graph's code differs"),
         (dict(batch=unlabelled), "the example's labels"),
         (dict(loss=EnergyForceLoss(force_weight=1.0)), "the loss differs"),
-        (dict(replicate="never"), "option 'replicate'"),
+        (dict(calibrate=True), "option 'calibrate'"),
     ]:
         args = {**dict(model=model, loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", calibrate=False), **kwargs}
         mdl, example = args.pop("model"), args.pop("batch", batch)
