@@ -755,7 +755,7 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                         "wavek@count-P/hanayo": _ratio(thr.get(COUNT_CAP), thr.get("hanayo")),
                     },
                     "wavek_efficiency": res.get("wavek", {}).get("efficiency"),
-                    # the most any schedule reaches on WaveK's partition: what is left is fill, drain and imbalance
+                    # the most any schedule reaches on WaveK's partition: what is left is fill, drain, links and imbalance
                     "wavek_efficiency_bound": res.get("wavek", {}).get("efficiency_bound"),
                     "wavek_eqmem_efficiency": res.get(EQUAL_MEMORY, {}).get("efficiency"),
                     "wavek_count_efficiency": res.get(COUNT_CAP, {}).get("efficiency"),

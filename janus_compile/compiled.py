@@ -39,7 +39,9 @@ class CompiledMLIP(nn.Module):
         self._force_graphs: List[ForceGraph] = []
         self._joint_graphs: List[JointGraph] = []
         self._partitions: Dict[int, Any] = {}  # id(joint graph) -> Partition
-        self._node_times: Dict[int, Any] = {}  # id(joint graph) -> calibrated per-node times
+        # id(joint graph) -> its calibrated cost model; (id, sizes) -> per-node times at those sizes
+        self._cost_models: Dict[int, Any] = {}
+        self._node_times: Dict[Tuple[int, Tuple[Tuple[str, int], ...]], Dict[str, float]] = {}
         self._inductor: Dict[int, Any] = {}  # id(joint graph) -> its GraphModule compiled by TorchInductor
         self.graph_parallel_reports: Dict[int, Any] = {}  # id(joint graph) -> GraphParallelReport
         self._dumped = False
@@ -58,6 +60,7 @@ class CompiledMLIP(nn.Module):
         twin._force_graphs = list(self._force_graphs)
         twin._joint_graphs = list(self._joint_graphs)
         twin._partitions = dict(self._partitions) if partitions else {}
+        twin._cost_models = dict(self._cost_models)
         twin._node_times = dict(self._node_times)
         twin._inductor = dict(self._inductor)
         twin.graph_parallel_reports = dict(self.graph_parallel_reports)
@@ -174,11 +177,16 @@ class CompiledMLIP(nn.Module):
         sizes = size_values_from_batch(batch)
         node_times = None
         if opts.calibrate and opts.pipelined:
-            if id(graph) not in self._node_times:
+            if id(graph) not in self._cost_models:
                 params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
                 device = batch.positions.device.type
-                self._node_times[id(graph)] = calibrate(graph, params, buffers, [batch], device=device, repeats=3).times(graph.gm.graph, sizes)
-            node_times = self._node_times[id(graph)]
+                self._cost_models[id(graph)] = calibrate(graph, params, buffers, [batch], device=device, repeats=3)
+            # a trainer sharing this graph (`sharing_plans`) may split for other sizes: the
+            # model calibrated once, its times evaluated at each batch's own
+            key = (id(graph), tuple(sorted(sizes.items())))
+            if key not in self._node_times:
+                self._node_times[key] = self._cost_models[id(graph)].times(graph.gm.graph, sizes)
+            node_times = self._node_times[key]
         partition = self._solve(graph, batch, opts.chunks, node_times)
         if time_groups and self.times_groups:
             self.time_groups(batch, [partition])

@@ -80,8 +80,9 @@ class JanusOptions:
     # share of the rank's device memory (memory_budget.py); None keeps the count of P in flight
     memory_cap_gb: Union[float, str, None] = AUTO_MEMORY
     max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; min(M, 2P) with a memory cap)
-    # GB/s between two pipeline ranks in the schedule's simulator (not the ILP's transfer
-    # weight); "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
+    # GB/s between two pipeline ranks in the schedule's simulator, and on GPUs the ILP's
+    # price of a byte too (on CPU ranks the ILP keeps its own, `PartitionProblem`);
+    # "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
     link_gb_s: Union[float, str] = AUTO_LINK
     # CPU time each message costs the rank that sends it and the one that receives it, in
     # that simulator: "auto" measures it on CPU ranks (runtime/copy_probe.py, kept a day

@@ -217,10 +217,11 @@ def _train_worker(
 
 
 # Options that only the schedule reads: a partition made under one value serves another
-SCHEDULE_ONLY_OPTIONS = frozenset({"microbatches", "schedule", "chunks", "dump_dir", "max_in_flight", "memory_cap_gb"})
+SCHEDULE_ONLY_OPTIONS = frozenset({"microbatches", "schedule", "chunks", "dump_dir", "max_in_flight", "memory_cap_gb", "copy_cost"})
 # Options the partitions depend on but not the joint graph and its calibration: a trainer
 # differing in these shares the earlier one's graphs and node times and partitions anew
-PARTITION_OPTIONS = frozenset({"stages", "partition", "replicate", "unit_order", "ilp_time_limit_s", "rebalance", "link_gb_s", "copy_cost"})
+# (link_gb_s: the ILP's transfer price on GPUs, `CompiledMLIP._solve`)
+PARTITION_OPTIONS = frozenset({"stages", "partition", "replicate", "unit_order", "ilp_time_limit_s", "rebalance", "link_gb_s"})
 
 
 def graph_sharing_problem(like: "PipelineTrainer", model: nn.Module, loss: Any, example_mb: AtomsBatch, options: JanusOptions) -> Optional[str]:

@@ -292,24 +292,34 @@ def _unfolded_split(
     (a link is a stage of its own: the simulator serialises messages per channel) is
     fastest; the coarse one on a tie."""
     graph = gm.graph
-    candidates = [build_units(graph, min_units=max(1, (stages + 1) // 2)), fine]
+    coarse = build_units(graph, min_units=max(1, (stages + 1) // 2))
+    finest = fine if fine.names != coarse.names else coarse  # the same units at few blocks or many stages
+    candidates = [coarse] + ([fine] if finest is fine else [])
     best = None
+    errors: List[PartitionError] = []
     while candidates:
         units = candidates.pop(0)
-        if best is not None and units.names == best[1].names:
-            continue
         problem = build_problem(graph, units, node_times, out_bytes, param_bytes, stages, 1, **ilp_options)
-        override, slowest = _unfolded_override(graph, units, problem, stages)
-        plan = split_graph(gm, units, [0] * len(units.names), stages, UNFOLDED, chunk_override=override)
-        score = max(slowest, _busiest_link_seconds(plan, out_bytes, problem.bandwidth_bytes_per_s))
         mean = sum(u.total_cost() for u in problem.units) / stages
-        log.info("unfolded on %d units: max/mean stage %.3f, slowest stage or link %.4g s", len(units.names), slowest / mean if mean else 1.0, score)
-        if best is None or score < best[0]:
-            best = (score, units, problem, plan)
-        if units is fine and mean > 0 and slowest / mean > BALANCE_TARGET:
-            cut = segment_units(graph, fine, node_times, out_bytes, mean)
-            if len(cut.names) > len(fine.names):
-                candidates.append(cut)
+        try:
+            override, slowest = _unfolded_override(graph, units, problem, stages)
+        except PartitionError as exc:  # fewer chain items than stages: a finer set may have enough
+            errors.append(exc)
+            slowest = float("inf")
+        else:
+            plan = split_graph(gm, units, [0] * len(units.names), stages, UNFOLDED, chunk_override=override)
+            score = max(slowest, _busiest_link_seconds(plan, out_bytes, problem.bandwidth_bytes_per_s))
+            log.info("unfolded on %d units: max/mean stage %.3f, slowest stage or link %.4g s", len(units.names), slowest / (mean or 1.0), score)
+            if best is None or score < best[0]:
+                best = (score, units, problem, plan)
+        # the finest set is cut into segments when its chain misses the balance target
+        if units is finest:
+            if mean > 0 and slowest / mean > BALANCE_TARGET:
+                cut = segment_units(graph, units, node_times, out_bytes, mean)
+                if len(cut.names) > len(units.names):
+                    candidates.append(cut)
+    if best is None:
+        raise errors[-1]
     return best[1], best[2], best[3]
 
 

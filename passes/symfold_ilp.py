@@ -673,7 +673,11 @@ def _relaxation_bound(problem: PartitionProblem, time_limit: float, tmp: str) ->
     model = _build(problem, relax=True)
     limit = max(time_limit, 1.0)
     solver = _solver(problem, limit, os.path.join(tmp, "relax.log"), tmp, warm=False, mip=False)
-    status = solve_with_deadline(lambda: model.prob.solve(solver), tmp, cbc_deadline_s(limit))
+    try:
+        status = solve_with_deadline(lambda: model.prob.solve(solver), tmp, cbc_deadline_s(limit))
+    except pulp.PulpSolverError as exc:  # CBC exited with an error: the answer stands, without this bound
+        log.warning("CBC failed on the LP relaxation (%s); no bound from it", exc)
+        return None
     if status is None or pulp.LpStatus[status] != "Optimal":
         log.debug("LP relaxation not solved to optimality (%s); no bound from it", "stopped" if status is None else pulp.LpStatus[status])
         return None
@@ -690,7 +694,8 @@ def solve_partition(
     Raises `PartitionError` when there are fewer units than chunks, when no in-order
     partition meets the memory cap, or when CBC hits the time limit without a feasible
     assignment. A feasible but unproven answer comes back with status
-    ``"feasible (time limit)"`` and its gap to the best lower bound known."""
+    ``"feasible (time limit)"`` and its gap to the best lower bound known; when CBC exits
+    with an error, the MIP start comes back with status `STATUS_SOLVER_FAILED`."""
     t0 = time.perf_counter()
     _validate(problem)
     n, v = len(problem.units), problem.num_chunks
@@ -748,10 +753,10 @@ def solve_partition(
             if start is None:
                 raise PartitionError(
                     f"CBC failed after {solve_s:.3g} s on {n} units onto {v} chunks ({exc}) with no MIP start to fall "
-                    f"back on. Its log ends: {tail!r}. Try again with another `seed` or time_limit_s, or use fewer "
-                    "(coarser) units."
+                    f"back on. Its log ends: {tail!r}. Try again with another time_limit_s, a larger memory cap, or "
+                    "fewer (coarser) units."
                 ) from exc
-            log.warning("CBC failed after %.3g s (%s; its log ends %r): the polished MIP start is the answer", solve_s, exc, tail)
+            log.warning("CBC failed after %.3g s (%s; its log ends %r): the MIP start is the answer", solve_s, exc, tail)
             return _answer(problem, list(start), STATUS_SOLVER_FAILED, [_combinatorial_bound(problem)], t0, lp_text, num_vars, num_cons, baseline)
         solve_s = time.perf_counter() - t_solve
         if status is None:  # CBC was stopped: the MIP start is the answer

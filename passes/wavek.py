@@ -451,9 +451,10 @@ def makespan_lower_bound(dag: PipelineDAG) -> float:
     """No schedule of ``dag`` finishes sooner. For any set S of a rank's groups, the rank
     runs S's tasks of all M micro-batches one after another; none can start before the
     earliest of them could (heads: the fill), and after the last one ends the rest of its
-    micro-batch's path still runs (tails: the drain). The best S for a pair (the group
-    with the smallest head, the one with the smallest tail) holds every group whose head
-    and tail are at least theirs, so pairs suffice. One micro-batch's own critical path
+    micro-batch's path still runs (the path after a group ends: the drain). The best S
+    for a pair (the group with the smallest head, the one with the shortest path after
+    it) holds every group whose head and path after are at least theirs, so pairs
+    suffice. One micro-batch's own critical path
     bounds it too. Messages' CPU cost is left out, which keeps the bound valid.
 
     ideal / bound is the efficiency no schedule on this partition and these links

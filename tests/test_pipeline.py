@@ -241,14 +241,20 @@ def test_plan_like_shares_the_graph_and_calibration_where_the_split_differs(monk
 
     monkeypatch.setattr(cost_mod, "calibrate", must_not_run)
     monkeypatch.setattr(compiled_mod, "build_joint_graph", must_not_run)
-    node_times = first.compiled._node_times[id(first.joint)]
-    for kwargs in (dict(schedule="1f1b", chunks=1), dict(chunks=2), dict(replicate="never", stages=2)):
+    (node_times,) = first.compiled._node_times.values()
+    cases = (dict(schedule="1f1b", chunks=1), dict(chunks=2), dict(replicate="never"), dict(stages=3), dict(memory_cap_gb=1.0), dict(chunks=2, microbatches=2))
+    for kwargs in cases:
         args = {**dict(loss=LOSS, stages=2, chunks="auto", microbatches=4, schedule="wavek", rebalance=False), **kwargs}
         again = PipelineTrainer(model, batch, plan_like=first, **args)
         assert again.plan_shared == "graphs", kwargs
-        assert again.joint is first.joint and again.compiled._node_times[id(again.joint)] is node_times
+        assert again.joint is first.joint and node_times in again.compiled._node_times.values()
         assert not any(again.partition is p for p in first._candidates[0].values())
-        assert all(again.partition.node_times[n] == t for n, t in node_times.items())  # split on the shared times
+        if kwargs.get("microbatches") == 2:
+            # micro-batches of other sizes: the shared cost model priced at their own sizes
+            assert len(again.compiled._node_times) == 2
+            assert any(again.partition.node_times[n] != t for n, t in node_times.items())
+        else:
+            assert all(again.partition.node_times[n] == t for n, t in node_times.items())  # split on the shared times
         _assert_equals_eager(again.gradients(batch), model, batch, f"plan_like sharing graphs {kwargs}")
 
 
@@ -296,3 +302,27 @@ def test_plan_like_reuses_the_partitions_and_stays_exact(monkeypatch):
         mdl, example = args.pop("model"), args.pop("batch", batch)
         with pytest.raises(ValueError, match=f"plan_like: .*{reason}"):
             PipelineTrainer(mdl, example, plan_like=first, **args)
+
+
+@pytest.mark.parametrize("device,link", [("cpu", None), ("cuda", 40e9)])
+def test_the_ilp_prices_bytes_at_the_link_speed_on_gpus(monkeypatch, device, link):
+    """On GPUs the partitioner gets the link speed the schedule is simulated with; on CPU
+    ranks it keeps its own (the ranks' copies are charged apart). No GPU is needed: the
+    options are read before anything runs on the device."""
+    import janus_compile.passes.symfold as symfold_mod
+    from janus_compile.compiled import CompiledMLIP
+    from janus_compile.options import JanusOptions
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(symfold_mod, "partition_graph", record)
+    opts = JanusOptions.from_mapping(dict(stages=2, device=device, link_gb_s=40.0, calibrate=False))
+    compiled = CompiledMLIP(_model(), opts, LOSS)
+    batch = random_batch(4, 2)
+    with pytest.raises(RuntimeError, match="recorded"):
+        compiled._solve(compiled.joint_graph(batch), batch, 1, None)
+    assert seen.get("bandwidth_bytes_per_s") == link

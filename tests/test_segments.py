@@ -76,21 +76,23 @@ def test_partition_balances_a_model_whose_blocks_are_single_units():
         assert_rel_close(got, ref[key], 1e-10, f"painn P=8 {key}")
 
 
-def test_unfolded_baseline_is_segmented_where_its_chain_cannot_balance():
-    """1F1B's baseline gets the same finer units: a heavy unit (here a prologue made 60 %
-    of the work) is cut into segments until the chain balances, and the split stays exact."""
+@pytest.mark.parametrize("stages,share", [(4, 0.6), (2, 0.8)])  # P = 2: the coarse and fine units are the same
+def test_unfolded_baseline_is_segmented_where_its_chain_cannot_balance(stages, share):
+    """1F1B's baseline gets the same finer units: a heavy unit (here a prologue made 60 or
+    80 % of the work) is cut into segments until the chain balances, and the split stays
+    exact."""
     _, joint, flat, ref = setup("schnet")
     times = _proxy_times(joint.gm.graph)
     units = build_units(joint.gm.graph, min_units=1, min_depth=1, max_depth=1)
     prologue = [n for n, u in units.unit_of_node.items() if units.names[u] == "<prologue>"]
     assert prologue
     heavy = sum(times[n] for n in prologue)
-    scale = 1.5 * (sum(times.values()) - heavy) / heavy  # the prologue is 60 % of the step
+    scale = share / (1 - share) * (sum(times.values()) - heavy) / heavy  # the prologue's share of the step
     times = {n: t * scale if n in prologue else t for n, t in times.items()}
-    part: Partition = partition_graph(joint.gm, 4, 1, "unfolded", node_times=times, sizes=SIZES)
+    part: Partition = partition_graph(joint.gm, stages, 1, "unfolded", node_times=times, sizes=SIZES)
     assert any("#" in n for n in part.units.names), "the unfolded baseline was not segmented"
     assert part.imbalance() <= 1.10, part.imbalance()
     outs = part.plan.run(flat)
     names = ["loss"] + joint.output_names + [f"grad_{p}" for p in joint.param_names]
     for key, got in zip(names, outs):
-        assert_rel_close(got, ref[key], 1e-10, f"schnet unfolded P=4 {key}")
+        assert_rel_close(got, ref[key], 1e-10, f"schnet unfolded P={stages} {key}")
