@@ -326,7 +326,7 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
     import dataclasses
 
     from .passes.group_timing import measure_group_times
-    from .passes.wavek import simulate
+    from .passes.wavek import makespan_lower_bound, simulate
 
     runs = []
     for tr in trainers.values():
@@ -340,6 +340,7 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
         sim = simulate(tr.programs, dag)
         out[sched] = {
             "makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction, "efficiency": sim.efficiency,
+            "efficiency_bound": sim.ideal / makespan_lower_bound(dag),
             "compute_s": dag.total_work(), "copy_s": sum(t1 - t0 for _, t0, t1, _ in sim.copies),
         }
     return out
@@ -486,6 +487,7 @@ def run_real(
                 "sim_rel_error_traced_costs": None if traced_sim_s is None else (traced_sim_s - st["median"]) / st["median"],
                 "sim_bubble_fraction": shared[sched]["bubble_fraction"],
                 "sim_efficiency": shared[sched]["efficiency"],
+                "sim_efficiency_bound": shared[sched]["efficiency_bound"],  # what any order reaches on this split
                 "simulated_step_s_own": sim["makespan_s"],
                 "sim_rel_error_own": (sim["makespan_s"] - st["median"]) / st["median"],
                 "sim_bubble_fraction_own": sim["bubble_fraction"],
@@ -883,7 +885,7 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
         )
         lines.append(
             "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared timing (own) | sim error "
-            "| sim error, traced costs | sim bubble | sim efficiency | compute ms timed / traced | sim copy ms | recv tensors/rank "
+            "| sim error, traced costs | sim bubble | sim efficiency (bound) | compute ms timed / traced | sim copy ms | recv tensors/rank "
             "| est. stash+params/rank MB | est. peak growth/rank MB | peak RSS/rank MB (training growth) | growth measured/est. "
             "| allocated peak/rank MB, measured (replayed) | allocated measured/replayed |"
         )
@@ -899,7 +901,7 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
                 f"| {s} | {r['chunks']} | {1e3 * st['median']:.1f} | {1e3 * st['min']:.1f} | {1e3 * st['max']:.1f} "
                 f"| {r['structures_per_s']:.1f} | {r['atoms_per_s']:.0f} | {1e3 * r['simulated_step_s']:.1f} ({1e3 * r['simulated_step_s_own']:.1f}) "
                 f"| {_pct(r['sim_rel_error'])} | {_pct(r.get('sim_rel_error_traced_costs'))} "
-                f"| {100 * r['sim_bubble_fraction']:.1f}% | {r['sim_efficiency']:.2f} "
+                f"| {100 * r['sim_bubble_fraction']:.1f}% | {r['sim_efficiency']:.2f} ({_fmt(r.get('sim_efficiency_bound'))}) "
                 f"| {1e3 * r['sim_compute_s']:.0f} / {_fmt(None if r['measured_compute_s'] is None else 1e3 * r['measured_compute_s'], '.0f')} "
                 f"| {_fmt(None if r.get('sim_copy_s') is None else 1e3 * r['sim_copy_s'], '.0f')} | {max(r['recv_tensors_per_rank'])} "
                 f"| {max(r['est_memory_per_rank_mb']):.2f} | {_fmt(max(est) if est else None, '.0f')} | {rss_txt} | {ratio} "

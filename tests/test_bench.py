@@ -55,7 +55,7 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
         assert r["structures_per_s"] > 0 and r["atoms_per_s"] > r["structures_per_s"]
         assert r["simulated_step_s"] > 0 and math.isfinite(r["sim_rel_error"])
         assert r["simulated_step_s_traced_costs"] > 0 and math.isfinite(r["sim_rel_error_traced_costs"])
-        assert 0 <= r["sim_bubble_fraction"] < 1 and 0 < r["sim_efficiency"] <= 1
+        assert 0 <= r["sim_bubble_fraction"] < 1 and 0 < r["sim_efficiency"] <= r["sim_efficiency_bound"] * (1 + 1e-9) <= 1 + 1e-9
         assert len(r["est_memory_per_rank_mb"]) == 2
         # the workers ran through the bench's instrumentation: RSS and traces came back
         assert r["measured_peak_rss_mb"] is not None and min(r["measured_peak_rss_mb"]) > 0
