@@ -326,7 +326,7 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
     import dataclasses
 
     from .passes.group_timing import measure_group_times
-    from .passes.wavek import makespan_lower_bound, simulate
+    from .passes.wavek import efficiency_bound, simulate
 
     runs = []
     for tr in trainers.values():
@@ -340,7 +340,7 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
         sim = simulate(tr.programs, dag)
         out[sched] = {
             "makespan_s": sim.makespan, "bubble_fraction": sim.bubble_fraction, "efficiency": sim.efficiency,
-            "efficiency_bound": sim.ideal / makespan_lower_bound(dag),
+            "efficiency_bound": efficiency_bound(sim, dag),
             "compute_s": dag.total_work(), "copy_s": sum(t1 - t0 for _, t0, t1, _ in sim.copies),
         }
     return out
@@ -351,8 +351,8 @@ def _plan_source(cfg: BenchConfig, name: str, built: Mapping[str, Any], previous
     run name: WaveK of this M for GPipe and WaveK at P in flight (the same SymFold
     splits, no memory cap bounding the ILP), else the same run at the previous M (both
     share partitions), else the first trainer built at this M (1F1B: the joint graph and
-    its calibration are shared, the split is made anew; so for WaveK at 1F1B's memory,
-    whose cap bounds its ILP)."""
+    its calibration are shared, the split is made anew). WaveK at 1F1B's memory always
+    takes the last: its cap bounds its ILP, so no other run's split serves it."""
     if not cfg.reuse_plans:
         return None, None
     if name in ("gpipe", COUNT_CAP) and "wavek" in built:

@@ -281,8 +281,8 @@ def _busiest_link_seconds(plan: SplitPlan, out_bytes: Mapping[str, float], bandw
 
 
 def _unfolded_split(
-    gm: fx.GraphModule, fine: Units, node_times: Mapping[str, float], out_bytes: Mapping[str, float],
-    param_bytes: Mapping[str, float], stages: int, ilp_options: Mapping[str, object],
+    gm: fx.GraphModule, fine: Units, fine_problem: PartitionProblem, node_times: Mapping[str, float],
+    out_bytes: Mapping[str, float], param_bytes: Mapping[str, float], stages: int, ilp_options: Mapping[str, object],
 ) -> Tuple[Units, PartitionProblem, SplitPlan]:
     """1F1B's baseline: the chain cut by the DP on the coarsest units that give P items,
     on the fine units SymFold starts from, and, where those miss the balance target (a
@@ -299,7 +299,8 @@ def _unfolded_split(
     errors: List[PartitionError] = []
     while candidates:
         units = candidates.pop(0)
-        problem = build_problem(graph, units, node_times, out_bytes, param_bytes, stages, 1, **ilp_options)
+        same_as_fine = units.names == fine.names  # its problem is the caller's
+        problem = fine_problem if same_as_fine else build_problem(graph, units, node_times, out_bytes, param_bytes, stages, 1, **ilp_options)
         mean = sum(u.total_cost() for u in problem.units) / stages
         try:
             override, slowest = _unfolded_override(graph, units, problem, stages)
@@ -438,7 +439,7 @@ def partition_graph(
                 replicas.setdefault(orig, []).append(pinned[copy])
         plan = split_graph(gm, units, chunk_of_unit, V, FOLDED, chunk_override=pinned)
     else:
-        units, problem, plan = _unfolded_split(gm, units, node_times, out_bytes, param_bytes, stages, ilp_options)
+        units, problem, plan = _unfolded_split(gm, units, problem, node_times, out_bytes, param_bytes, stages, ilp_options)
     part = Partition(
         method, stages, chunks if method != "unfolded" else 1, units, plan, problem, dict(node_times), out_bytes, param_bytes,
         solution, chunk_of_unit, replicas,

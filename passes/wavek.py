@@ -454,11 +454,9 @@ def makespan_lower_bound(dag: PipelineDAG) -> float:
     micro-batch's path still runs (the path after a group ends: the drain). The best S
     for a pair (the group with the smallest head, the one with the shortest path after
     it) holds every group whose head and path after are at least theirs, so pairs
-    suffice. One micro-batch's own critical path
-    bounds it too. Messages' CPU cost is left out, which keeps the bound valid.
-
-    ideal / bound is the efficiency no schedule on this partition and these links
-    exceeds: what the partition's imbalance and the pipeline's fill and drain allow."""
+    suffice. One micro-batch's own critical path bounds it too. Messages' CPU cost is
+    left out, which keeps the bound valid (`efficiency_bound` turns it into an
+    efficiency)."""
     head, tail = _heads(dag), _tails(dag, dag.cost)
     after = {g: tail[g] - dag.cost[g] for g in dag.groups}
     M = dag.microbatches
@@ -1021,8 +1019,7 @@ def make_programs(dag: PipelineDAG, schedule: str = "wavek", **kw: Any) -> Progr
         "makespan_s": sim.makespan,
         "bubble_fraction": sim.bubble_fraction,
         "efficiency": sim.efficiency,
-        # the most any schedule could reach on this partition (`makespan_lower_bound`)
-        "efficiency_bound": sim.ideal / bound if (bound := makespan_lower_bound(dag)) > 0 else 1.0,
+        "efficiency_bound": efficiency_bound(sim, dag),
         "peak_in_flight": sim.peak_in_flight,
         "peak_stash_bytes": sim.peak_stash_bytes,
     }
@@ -1202,6 +1199,14 @@ class SimResult:
     def throughput(self) -> float:
         """Micro-batches per second."""
         return self.microbatches / self.makespan if self.makespan > 0 else math.inf
+
+
+def efficiency_bound(result: SimResult, dag: PipelineDAG) -> float:
+    """ideal / `makespan_lower_bound`: the efficiency no schedule on this partition and
+    these links exceeds, what the partition's imbalance and the pipeline's fill and drain
+    allow; ``result.efficiency`` below it is what a better order could still win."""
+    bound = makespan_lower_bound(dag)
+    return result.ideal / bound if bound > 0 else 1.0
 
 
 def _peak(events: Iterable[Tuple[float, float]]) -> float:
