@@ -91,7 +91,7 @@ class BenchConfig:
     # graph and calibration of the first trainer built at that M. Off: each plans alone.
     reuse_plans: bool = True
     # Also run WaveK at 1F1B's memory (EQUAL_MEMORY): its budget is the peak 1F1B itself
-    # uses on its worst rank, replayed by passes/memory.py, in-flight caps up to 2P searched.
+    # uses on its worst rank, replayed by passes/memory.py, in-flight caps up to min(M, 3P) searched.
     # "wavek" itself keeps its default limit, memory_cap_gb="auto" (a share of the device's
     # memory; in the simulation, of sim_memory_gb per rank).
     equal_memory: bool = True
@@ -1152,7 +1152,7 @@ def add_bench_args(p: Any) -> None:
     )
     p.add_argument(
         "--no-equal-memory", action="store_true",
-        help=f"skip the {EQUAL_MEMORY} row (WaveK limited to the peak memory 1F1B uses, replayed; in-flight caps up to 2P searched)",
+        help=f"skip the {EQUAL_MEMORY} row (WaveK limited to the peak memory 1F1B uses, replayed; in-flight caps up to min(M, 3P) searched)",
     )
     p.add_argument(
         "--no-count-cap", action="store_true",

@@ -1,10 +1,10 @@
 """The per-rank memory WaveK may fill when the user sets no cap (``memory_cap_gb='auto'``).
 
 A count of P micro-batches in flight per rank is only a stand-in for memory, and a poor
-one: it leaves a large GPU mostly empty, while the folded schedule needs 1.5-2 P in
+one: it leaves a large GPU mostly empty, while the folded schedule needs 1.5-3 P in
 flight to keep its four phases from colliding (docs/runtime.md), and it does not stop a
 model whose P micro-batches do not fit. So by default WaveK searches in-flight caps up to
-min(M, 2P) against a share of the memory each rank really has: its own GPU, or on CPU the
+min(M, 3P) against a share of the memory each rank really has: its own GPU, or on CPU the
 host's memory split between the processes the host runs.
 
 Every budget, this one or a cap the user sets, is for the replayed peak of a rank's

@@ -79,7 +79,7 @@ class JanusOptions:
     # per rank: a number bounds the ILP and WaveK's in-flight search; "auto" lets WaveK fill a
     # share of the rank's device memory (memory_budget.py); None keeps the count of P in flight
     memory_cap_gb: Union[float, str, None] = AUTO_MEMORY
-    max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; min(M, 2P) with a memory cap)
+    max_in_flight: Optional[int] = None  # WaveK: micro-batches in flight per rank (default P; min(M, 3P) with a memory cap)
     # GB/s between two pipeline ranks in the schedule's simulator, and on GPUs the ILP's
     # price of a byte too (on CPU ranks the ILP keeps its own, `PartitionProblem`);
     # "auto": LINK_GB_S_AUTO of the device (gloo over TCP on CPU, NVLink-class on GPU)
