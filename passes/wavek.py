@@ -802,7 +802,7 @@ MAX_IN_FLIGHT_PER_STAGE = 3
 """Against a memory budget WaveK tries in-flight caps up to min(M, 3P). A folded
 micro-batch is in flight on a rank for most of its four-phase trip, so with 2P the
 ranks still ran out of work in the fill at M = 4P; after forward-backward improvement,
-3P lifted P = 32 SchNet (K = 2) from 0.82 to 0.85 efficiency and PaiNN from 0.81 to
+3P lifted P = 32 SchNet (K = 2) from 0.81 to 0.84 efficiency and PaiNN from 0.81 to
 0.86 at H200 costs, where the memory was there (the budget decides; ties go to fewer)."""
 
 
