@@ -544,3 +544,19 @@ def test_search_improves_its_pick_by_forward_backward():
         assert programs.meta["simulated"]["makespan_s"] == pytest.approx(improved.makespan, rel=1e-9)
         assert max(in_flight(improved.orders).values()) <= stages
     assert gained == 3
+
+
+def test_forward_backward_orders_over_the_memory_budget_are_not_taken():
+    """Against a memory budget the improved orders are measured too: where they would not
+    fit, the search keeps its pick."""
+    dag = _uneven(4, 2, 16, 1)
+    ample = wavek_search(dag, memory_budget_bytes=1e30, memory_of=lambda programs: [0.0])
+    plain = wavek_search(dag, memory_budget_bytes=1e30, memory_of=lambda programs: [0.0], improve=False)
+    assert ample.rule == plain.rule + "+fb" and ample.makespan < plain.makespan
+
+    def heavier_when_faster(programs):  # every order faster than the pick is "over the budget"
+        return [1e31 if simulate(programs, dag).makespan < plain.makespan * (1 - 1e-9) else 0.0]
+
+    kept = wavek_search(dag, memory_budget_bytes=1e30, memory_of=heavier_when_faster)
+    assert kept.rule == plain.rule and kept.makespan == plain.makespan and kept.memory_fits
+    assert kept.candidates[-1][0] == plain.rule + "+fb"  # tried, reported, not taken
