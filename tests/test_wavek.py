@@ -484,7 +484,7 @@ def test_makespan_lower_bound_is_tight_where_it_should_be():
     assert makespan_lower_bound(dag) == pytest.approx(3 * pc["F"] + 16 * 7.0 + 3 * pc["FB"])
 
 
-from janus_compile.passes.wavek import evaluate_orders, forward_backward
+from janus_compile.passes.wavek import IMPROVEMENT_STARTS, _improve_pick, evaluate_orders, forward_backward
 
 
 def _uneven(stages, chunks, microbatches, seed):
@@ -539,7 +539,8 @@ def test_search_improves_its_pick_by_forward_backward():
         if improved.rule.endswith("+fb"):
             gained += 1
             assert improved.makespan < plain.makespan
-            assert improved.rule == plain.rule + "+fb"
+            assert improved.rule.removesuffix("+fb") in {rule for rule, _, _ in plain.candidates}
+            assert improved.makespan == min(ms for rule, _, ms in improved.candidates if rule.endswith("+fb"))
         programs = make_programs(dag, "wavek")
         assert programs.meta["simulated"]["makespan_s"] == pytest.approx(improved.makespan, rel=1e-9)
         assert max(in_flight(improved.orders).values()) <= stages
@@ -559,4 +560,24 @@ def test_forward_backward_orders_over_the_memory_budget_are_not_taken():
 
     kept = wavek_search(dag, memory_budget_bytes=1e30, memory_of=heavier_when_faster)
     assert kept.rule == plain.rule and kept.makespan == plain.makespan and kept.memory_fits
-    assert kept.candidates[-1][0] == plain.rule + "+fb"  # tried, reported, not taken
+    tried = [rule for rule, _, _ in kept.candidates[len(plain.candidates):]]
+    assert plain.rule + "+fb" in tried and all(rule.endswith("+fb") for rule in tried)  # tried, reported, not taken
+
+
+def test_forward_backward_from_several_starts_keeps_the_fastest():
+    """Where forward-backward ends depends on where it starts: from the pick alone it
+    ends slower here than from another rule's candidate at the same cap, which the search
+    then takes, naming that rule."""
+    dag = _uneven(4, 2, 16, 4)
+    plain = wavek_search(dag, improve=False)
+    from_pick = _improve_pick(dag, plain, simulated_stash(dag), None)
+    full = wavek_search(dag)
+    assert full.makespan < from_pick.makespan < plain.makespan
+    attempts = [(rule, cap, ms) for rule, cap, ms in full.candidates if rule.endswith("+fb")]
+    assert plain.rule + "+fb" in {rule for rule, _, _ in attempts} and full.rule != plain.rule + "+fb"
+    assert len(attempts) <= IMPROVEMENT_STARTS and len({rule for rule, _, _ in attempts}) == len(attempts)
+    assert {cap for _, cap, _ in attempts} == {plain.cap}  # the same cap: like memory
+    assert full.makespan == min(ms for _, _, ms in attempts)
+    programs = make_programs(dag, "wavek")
+    validate(programs, dag)
+    assert programs.meta["simulated"]["makespan_s"] == pytest.approx(full.makespan, rel=1e-9)
