@@ -844,7 +844,10 @@ the memory of more micro-batches in flight."""
 BASELINE_RULES = ("phase_agnostic", "gpipe")  # the baselines' orders among the candidates
 
 
-def _fewest_in_flight(pool: Sequence[Tuple[float, int, str, Cap, Orders]], best: Tuple[float, int, str, Cap, Orders], fits: Callable[[Any], bool]) -> Tuple[float, int, str, Cap, Orders]:
+Candidate = Tuple[float, int, str, Cap, Orders]  # a search candidate: (makespan, position, rule, cap, orders)
+
+
+def _fewest_in_flight(pool: Sequence[Candidate], best: Candidate, fits: Callable[[Any], bool]) -> Candidate:
     """Among the candidates within `NEAR_TIE` of ``best``'s makespan, the one with the
     fewest micro-batches in flight (summed over ranks; then makespan, then position) for
     which ``fits`` holds; ``best`` itself if none holds fewer. The window stops at the
@@ -901,7 +904,7 @@ def wavek_search(
         if max(_rank_caps(c, P)) > top:
             raise ValueError(f"caps {cap_list} must lie in 1..max_in_flight={top}")
     measure = memory_of or simulated_stash(dag)
-    pool: List[Tuple[float, int, str, Cap, Orders]] = []  # (makespan, position, rule, cap, orders)
+    pool: List[Candidate] = []
 
     def add(rule: str, cap: Cap, orders: Orders) -> None:
         if max(in_flight(orders).values(), default=0) > top:
@@ -921,7 +924,7 @@ def wavek_search(
     if not pool:
         raise ScheduleError("wavek: no candidate schedule within the in-flight limit")
     pool.sort(key=lambda c: (c[0], c[1]))
-    fastest: Optional[Tuple[float, int, str, Cap, Orders]] = None  # the fastest that fits, a start for `_improve_pick`
+    fastest: Optional[Candidate] = None  # the fastest that fits, a start for `_improve_pick`
     if budget is None:
         fastest = pool[0]
         ms, _, rule, cap, orders = _fewest_in_flight(pool, pool[0], lambda e: True)
@@ -929,7 +932,7 @@ def wavek_search(
     else:
         memo: Dict[int, List[float]] = {}
 
-        def memory(entry: Tuple[float, int, str, Cap, Orders]) -> List[float]:
+        def memory(entry: Candidate) -> List[float]:
             if entry[1] not in memo:
                 memo[entry[1]] = [float(b) for b in measure(build_programs(dag, entry[4], "wavek"))]
             return memo[entry[1]]
@@ -949,8 +952,8 @@ def wavek_search(
             pool.sort(key=lambda c: (c[0], c[1]))
             tried = [(rule, cap_label(cap), ms) for ms, _, rule, cap, _ in sorted(pool, key=lambda c: c[1])]
         best = None
-        smallest: Optional[Tuple[float, Tuple[float, int, str, Cap, Orders]]] = None
-        def fits(entry: Tuple[float, int, str, Cap, Orders]) -> bool:
+        smallest: Optional[Tuple[float, Candidate]] = None
+        def fits(entry: Candidate) -> bool:
             return max(memory(entry)) <= budget * (1 + 1e-9)
 
         for entry in pool:
@@ -990,7 +993,7 @@ starts, by about 1 % between good starts (docs/runtime.md); each start costs abo
 at P = 32, M = 128."""
 
 
-def _improvement_starts(pool: Sequence[Tuple[float, int, str, Cap, Orders]], fastest: Optional[Tuple[float, int, str, Cap, Orders]]) -> List[Start]:
+def _improvement_starts(pool: Sequence[Candidate], fastest: Optional[Candidate]) -> List[Start]:
     """Starts besides the pick for `_improve_pick`: the fastest candidate that fits, then
     the fastest of each other priority rule at the same cap (so of like memory), fastest
     first, up to `IMPROVEMENT_STARTS` - 1 of them."""
