@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("1f1b", "hanayo", "wavek", "gpipe")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-from .options import AUTO_CHUNKS, chunks_arg
+from .options import AUTO_CHUNKS, JanusOptions, chunks_arg
 from .memory_budget import AUTO_MEMORY_FRACTION, optimizer_state_bytes, param_bytes
 
 EQUAL_MEMORY = "wavek@1f1b-mem"
@@ -81,7 +81,9 @@ class BenchConfig:
     sim_stages: List[int] = field(default_factory=lambda: [4, 8, 16, 32])
     sim_factors: List[int] = field(default_factory=lambda: [1, 2, 4])  # M = factor × P
     sim_chunks: List[int] = field(default_factory=lambda: [1, 2])  # K tried for wavek (best kept)
-    sim_ilp_time_s: float = 5.0
+    # ILP time limit per simulated split: the trainer's default, so the study prices the
+    # splits users get (a lower one makes a P = 32 study hours shorter, a little less balanced)
+    sim_ilp_time_s: float = JanusOptions.ilp_time_limit_s
     # ILP time limit per solve when the real runs' trainers are planned (None: the trainer's
     # default, `ilp_time_limit_s`); a lower one trades some balance for planning time
     ilp_time_s: Optional[float] = None
@@ -119,6 +121,8 @@ class BenchConfig:
             raise ValueError(f"chunks must be a positive integer or {AUTO_CHUNKS!r}, got {self.chunks!r}")
         if self.ilp_time_s is not None and not self.ilp_time_s > 0:
             raise ValueError(f"ilp_time_s must be positive, got {self.ilp_time_s}")
+        if not self.sim_ilp_time_s > 0:
+            raise ValueError(f"sim_ilp_time_s must be positive, got {self.sim_ilp_time_s} (--sim-ilp-time: seconds per split, e.g. 2 or 30)")
         if not self.sim_memory_gb > 0:
             raise ValueError(f"sim_memory_gb must be positive, got {self.sim_memory_gb}")
         for name in ("stages", "repeats", "steps", "mb_structures", "atoms", "threads"):
@@ -674,8 +678,12 @@ def _sim_schedules(
     return res
 
 
-def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
-    """Simulate every schedule on the calibrated real DAGs at every P and M of the grid."""
+def run_simulation(
+    cfg: BenchConfig, progress: bool = True, on_rows: Optional[Callable[[Dict[str, Any]], None]] = None
+) -> Dict[str, Any]:
+    """Simulate every schedule on the calibrated real DAGs at every P and M of the grid.
+    ``on_rows`` gets the result so far after each model's P (a study of hours that is
+    stopped keeps what it simulated)."""
     from .passes.symfold import partition_graph
     from .passes.wavek import PipelineDAG
 
@@ -690,6 +698,20 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     bandwidth, latency = cfg.sim_bandwidth_gbs * 1e9, cfg.sim_latency_us * 1e-6
+
+    def so_far() -> Dict[str, Any]:
+        return {
+            "rows": list(rows),
+            "averages": sim_averages(rows),
+            "notes": notes,
+            "micro_batch": {"structures": S, **_sizes_of(mbs[0])},
+            "bandwidth_gb_s": cfg.sim_bandwidth_gbs,
+            "device_memory_gb": cfg.sim_memory_gb,
+            "costs": dict(costs["meta"], file=cfg.sim_costs) if costs else {"device": "cpu", "timed": "here"},
+            "latency_us": cfg.sim_latency_us,
+            "paper": PAPER_RATIOS,
+        }
+
     kmax = max([2] + list(cfg.sim_chunks))
     for name in cfg.sim_models:
         cache: Dict[int, _SimModel] = {}
@@ -774,17 +796,9 @@ def run_simulation(cfg: BenchConfig, progress: bool = True) -> Dict[str, Any]:
                         f"at 1F1B's memory: wavek/1f1b {_fmt(r['wavek@1f1b-mem/1f1b'])}",
                         flush=True,
                     )
-    return {
-        "rows": rows,
-        "averages": sim_averages(rows),
-        "notes": notes,
-        "micro_batch": {"structures": S, **_sizes_of(mbs[0])},
-        "bandwidth_gb_s": cfg.sim_bandwidth_gbs,
-        "device_memory_gb": cfg.sim_memory_gb,
-        "costs": dict(costs["meta"], file=cfg.sim_costs) if costs else {"device": "cpu", "timed": "here"},
-        "latency_us": cfg.sim_latency_us,
-        "paper": PAPER_RATIOS,
-    }
+            if on_rows is not None:
+                on_rows(so_far())
+    return so_far()
 
 
 def _sizes_of(batch: Any) -> Dict[str, int]:
@@ -1028,21 +1042,22 @@ def run_bench(
     cfg: BenchConfig, progress: bool = True, on_partial: Optional[Callable[[Dict[str, Any]], None]] = None
 ) -> Dict[str, Any]:
     """Everything the config asks for, as one JSON-ready dict. ``on_partial`` gets the
-    result so far (marked ``"partial": True``) after each real M."""
+    result so far (marked ``"partial": True``) after each real M and each simulated
+    model's P."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # calibrate as the workers run: one thread each
     t0 = time.perf_counter()
     try:
         result: Dict[str, Any] = {"config": asdict(cfg), "machine": machine_info()}
 
-        def partial(entries: List[Dict[str, Any]]) -> None:
+        def partial(part: str, so_far: Any) -> None:
             if on_partial is not None:
-                on_partial({**result, "real": list(entries), "partial": True, "wall_s": time.perf_counter() - t0})
+                on_partial({**result, part: so_far, "partial": True, "wall_s": time.perf_counter() - t0})
 
         if cfg.real:
-            result["real"] = run_real(cfg, progress, on_entry=partial)
+            result["real"] = run_real(cfg, progress, on_entry=lambda entries: partial("real", list(entries)))
         if cfg.simulate:
-            result["simulated"] = run_simulation(cfg, progress)
+            result["simulated"] = run_simulation(cfg, progress, on_rows=lambda sim: partial("simulated", sim))
     finally:
         torch.set_num_threads(threads)
     result["wall_s"] = time.perf_counter() - t0
@@ -1124,7 +1139,7 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--mb-structures", type=int, default=None, help="structures per micro-batch (default 2; 1 with --large)")
     p.add_argument("--atoms", type=int, default=16, help="atoms per EMT structure")
     p.add_argument("--large", type=int, default=None, metavar="N", help="use >= N-atom fcc Cu supercells (large_structure)")
-    p.add_argument("--out", default=None, help="write the results as JSON here (also after each M of the real runs, marked partial)")
+    p.add_argument("--out", default=None, help="write the results as JSON here (also after each M of the real runs and each simulated model and P, marked partial)")
     p.add_argument(
         "--ilp-time-limit", type=float, default=None, metavar="S",
         help="ILP time limit per solve (s) when the real runs are planned (default: the trainer's, 30 s); lower plans faster, a little less balanced",
@@ -1137,7 +1152,10 @@ def add_bench_args(p: Any) -> None:
     p.add_argument("--sim-stages", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--sim-factors", type=int, nargs="+", default=[1, 2, 4], help="simulated M = factor × P")
     p.add_argument("--sim-chunks", type=int, nargs="+", default=[1, 2], help="K tried for simulated wavek (best kept); hanayo gets 2 and those >= 2")
-    p.add_argument("--sim-ilp-time", type=float, default=5.0, help="ILP time limit per solve in the simulation (s)")
+    p.add_argument(
+        "--sim-ilp-time", type=float, default=JanusOptions.ilp_time_limit_s,
+        help="ILP time limit per split in the simulation (s; default: the trainer's, 30 s); the studies in docs/benchmarks.md mostly use 2 to save hours",
+    )
     p.add_argument(
         "--sim-costs", default=None, metavar="FILE",
         help="price the simulated models with cost models timed on another device (`januspipe calibrate --out FILE`) instead of calibrating here",

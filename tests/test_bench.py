@@ -10,6 +10,7 @@ from janus_compile import bench
 from janus_compile.bench import COUNT_CAP, EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation
 from janus_compile.bench_plots import simulated_charts
 from janus_compile.cli import main
+from janus_compile.options import JanusOptions
 
 TINY = ["--hidden", "8", "--layers", "2", "--atoms", "8"]
 
@@ -97,8 +98,11 @@ def test_simulation_at_p4_gives_finite_ratios():
         hidden=8, layers=2, atoms=8, real=False, simulate=True, sim_models=["schnet"], sim_stages=[4],
         sim_factors=[1, 2], sim_ilp_time_s=2.0,
     )
-    sim = run_simulation(cfg, progress=False)
+    so_far = []
+    sim = run_simulation(cfg, progress=False, on_rows=so_far.append)
     assert [(r["stages"], r["microbatches"]) for r in sim["rows"]] == [(4, 4), (4, 8)]
+    # handed over after the P (a bench with --out writes it, marked partial)
+    assert len(so_far) == 1 and so_far[0]["rows"] == sim["rows"] and so_far[0]["averages"] == sim["averages"]
     for r in sim["rows"]:
         assert set(r["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY, COUNT_CAP}, r["errors"]
         # the default fills an 80 GB device: it may hold more than P in flight, never fewer,
@@ -162,6 +166,10 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(sim_memory_gb=0)
     with pytest.raises(ValueError, match="ilp_time_s must be positive"):
         BenchConfig(ilp_time_s=0)
+    with pytest.raises(ValueError, match="sim_ilp_time_s must be positive"):
+        BenchConfig(sim_ilp_time_s=-1)
+    # the simulation splits as the trainer does unless told otherwise
+    assert BenchConfig().sim_ilp_time_s == JanusOptions().ilp_time_limit_s
 
 
 def test_simulated_hanayo_gets_the_wave_ks_wavek_gets():
@@ -184,3 +192,21 @@ def test_simulated_hanayo_gets_the_wave_ks_wavek_gets():
     cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in line.split("|")]))
     assert cells["hanayo K"] == str(row["schedules"]["hanayo"]["chunks"])
     assert cells["wavek K"] == str(row["schedules"]["wavek"]["chunks"])
+
+
+def test_bench_simulation_writes_json_after_each_p(tmp_path, monkeypatch):
+    """A study of hours keeps what it simulated: with --out the JSON is written after
+    every model's P (marked partial), then whole."""
+    out = tmp_path / "sim.json"
+    written = []
+    real_write = bench.write_json
+    monkeypatch.setattr(bench, "write_json", lambda path, r: (written.append(json.loads(json.dumps(r, default=str))), real_write(path, r)))
+    args = [
+        "bench", *TINY, "--no-real", "--simulate", "--sim-models", "schnet", "--sim-stages", "2", "4",
+        "--sim-factors", "1", "--sim-chunks", "1", "--sim-ilp-time", "1", "--no-equal-memory", "--no-count-cap",
+        "--out", str(out),
+    ]
+    assert main(args) == 0
+    assert [w.get("partial", False) for w in written] == [True, True, False]
+    assert [[r["stages"] for r in w["simulated"]["rows"]] for w in written] == [[2], [2, 4], [2, 4]]
+    assert json.loads(out.read_text())["simulated"]["rows"] == written[-1]["simulated"]["rows"]
