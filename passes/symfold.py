@@ -423,6 +423,16 @@ def partition_graph(
             log.info("data-flow order: max/mean rank %.3f (chain %.3f)", candidate.imbalance, solution.imbalance)
             if candidate.objective < solution.objective:
                 problem, solution = dag_problem, candidate
+        # Still unbalanced: the default charge (a transfer per chunk an edge crosses) makes
+        # far-reaching skips look dear and can buy short ones with balance. Charged once,
+        # as the runtime sends them, the same units may balance; keep that if it does
+        # (unless the caller chose the charge).
+        if solution.imbalance > BALANCE_TARGET and "transfer_charge" not in ilp_options:
+            once_problem = dataclasses.replace(problem, transfer_charge="once")
+            candidate = solve_partition(once_problem, lp_path=lp_path, initial=solution.chunk_of_unit)
+            log.info("transfers charged once: max/mean rank %.3f (per chunk %.3f)", candidate.imbalance, solution.imbalance)
+            if candidate.imbalance < solution.imbalance:
+                problem, solution = once_problem, candidate
         chunk_of_unit = solution.chunk_of_unit
     elif method == "even":
         solution = even_partition(problem)

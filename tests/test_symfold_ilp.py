@@ -18,6 +18,8 @@ from janus_compile.passes.symfold_ilp import (
     PartitionSolution,
     Unit,
     UnitEdge,
+    _best_chain_split,
+    _evaluate,
     _memory_lower_bound,
     even_partition,
     solve_partition,
@@ -130,6 +132,42 @@ def test_random_chains_respect_order(problem):
     _check_consistent(problem, sol)
     # the even split is the MIP start, so the ILP never does worse
     assert sol.objective <= even_partition(problem).objective * (1 + 1e-6)
+
+
+def _skip_problem(charge: str) -> PartitionProblem:
+    """Six equal units on three ranks; a heavy skip 0 -> 4. A rank holds 12 s; moving
+    unit 4 onto chunk 1 costs 6 s of balance and saves one 10 s chunk crossing."""
+    units = [_unit(f"u{i}", 1.0) for i in range(6)]
+    edges = [UnitEdge(i, i + 1, 0.0) for i in range(5)] + [UnitEdge(0, 4, 30e9)]
+    return PartitionProblem(units=units, edges=edges, stages=3, chunks=1, bandwidth_bytes_per_s=1e9, transfer_charge=charge)
+
+
+def test_a_skip_is_charged_per_chunk_crossed_or_once():
+    """Per chunk (the default), the skip pulls unit 4 onto the middle chunk; charged once,
+    as the runtime sends a value straight to its reader, the even split stays optimal."""
+    one_transfer = 30e9 / 1e9 / 3
+    per_chunk = solve_partition(_skip_problem("per_chunk"))
+    assert per_chunk.status == STATUS_OPTIMAL and per_chunk.chunk_of_unit == [0, 0, 1, 1, 1, 2]
+    assert per_chunk.objective == pytest.approx(18.0 + one_transfer)
+    once = solve_partition(_skip_problem("once"))
+    assert once.status == STATUS_OPTIMAL and once.chunk_of_unit == [0, 0, 1, 1, 2, 2]
+    assert once.objective == pytest.approx(12.0 + one_transfer)
+    assert _evaluate(_skip_problem("per_chunk"), once.chunk_of_unit)[0] == pytest.approx(12.0 + 2 * one_transfer)
+    with pytest.raises(PartitionError, match="transfer_charge"):
+        solve_partition(_skip_problem("sometimes"))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_random_problems(), st.sampled_from(["per_chunk", "once"]))
+def test_ilp_optimum_is_the_best_split_by_enumeration(problem, charge):
+    """Both charges are modelled exactly (the cut variables of far edges included): where
+    CBC proves optimality, its objective is that of the best in-order split, found by
+    evaluating every one."""
+    problem.transfer_charge = charge
+    sol = solve_partition(problem)
+    best, _ = _best_chain_split(problem)
+    if sol.status == STATUS_OPTIMAL:
+        assert sol.objective == pytest.approx(_evaluate(problem, best)[0], rel=1e-4, abs=1e-9)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
