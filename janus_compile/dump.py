@@ -163,6 +163,8 @@ def partition_report(partition) -> dict:
         "unit_depth": partition.units.depth,
         "chunk_of_unit": partition.chunk_of_unit,
         "unit_order": partition.problem.order if partition.method == "symfold" else None,
+        # how the ILP charged a cut edge: per chunk crossed, or once (docs/partitioning.md)
+        "transfer_charge": partition.problem.transfer_charge if partition.method == "symfold" else None,
         "rank_time_s": partition.rank_times(),
         "max_over_mean_rank_time": partition.imbalance(),
         "rank_memory_bytes": partition.rank_memory(),
@@ -202,6 +204,8 @@ def partition_markdown(report: dict) -> str:
         lines.append(f"ILP: {ilp['status']}, objective {ilp['objective']:.6g}, bound {ilp['bound']}, gap {ilp['gap']}, {ilp['solve_seconds']:.2f} s")
     if report.get("unit_order") == "dag":
         lines.append("unit order: data flow (units placed out of their topological order where that balances better)")
+    if report.get("transfer_charge") == "once":
+        lines.append("transfers charged once per cut edge (the per-chunk charge missed the balance target)")
     lines += ["", "| chunk | rank | units | F ms | G ms | GG ms | FB ms | boundary tensors received |", "|---|---|---|---|---|---|---|---|"]
     for row in report["chunks"]:
         s = row["seconds"]

@@ -132,6 +132,9 @@ def test_auto_order_relaxes_the_chain_only_when_it_misses_the_target():
     # balances more
     auto = partition_graph(joint.gm, 4, 1, "symfold", node_times=times, time_limit_s=10, order="auto")
     assert auto.problem.order == "dag" and auto.problem.transfer_charge == "once"
+    report = partition_report(auto)
+    assert report["transfer_charge"] == "once" and "charged once" in partition_markdown(report)
+    assert partition_report(relaxed)["transfer_charge"] == "per_chunk"
     assert auto.imbalance() < relaxed.imbalance()
     assert_plan_exact("schnet", auto, "auto order")
     check_fold_and_directions(auto)
