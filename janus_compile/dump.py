@@ -205,7 +205,7 @@ def partition_markdown(report: dict) -> str:
     if report.get("unit_order") == "dag":
         lines.append("unit order: data flow (units placed out of their topological order where that balances better)")
     if report.get("transfer_charge") == "once":
-        lines.append("transfers charged once per cut edge (the per-chunk charge missed the balance target)")
+        lines.append("transfers charged once per cut edge, not per chunk crossed (`transfer_charge`; by default where the per-chunk charge missed the balance target)")
     lines += ["", "| chunk | rank | units | F ms | G ms | GG ms | FB ms | boundary tensors received |", "|---|---|---|---|---|---|---|---|"]
     for row in report["chunks"]:
         s = row["seconds"]
