@@ -52,6 +52,7 @@ COUNT_CAP = "wavek@count-P"
 the plain ``wavek`` row has the default ``'auto'``, a share of the device's memory)."""
 
 PAPER_RATIOS = {"wavek/1f1b": 1.51, "wavek/hanayo": 1.45}  # 32 GPUs, averaged (abstract)
+SIM_BASELINE_SPLITS = ("best", "trainer")  # BenchConfig.sim_baseline_splits
 SIM_UNITS_PER_CHUNK = 3.0  # a simulated model gets at least this many (module) units per chunk
 MAX_SIM_LAYERS = 64
 
@@ -84,6 +85,12 @@ class BenchConfig:
     # ILP time limit per simulated split: the trainer's default, so the study prices the
     # splits users get (a lower one makes a P = 32 study hours shorter, a little less balanced)
     sim_ilp_time_s: float = JanusOptions.ilp_time_limit_s
+    # The splits the simulated baselines choose from. "best": Hanayo and GPipe each keep the
+    # faster of the trainer's split and one solved with transfers charged once per cut edge
+    # (`transfer_charge="once"`), for each K; which charge splits best varies by model and
+    # P, and a baseline should not lose on the split. WaveK keeps the trainer's split, so
+    # its ratios are what the trainer gets. "trainer": every schedule on the trainer's.
+    sim_baseline_splits: str = "best"
     # ILP time limit per solve when the real runs' trainers are planned (None: the trainer's
     # default, `ilp_time_limit_s`); a lower one trades some balance for planning time
     ilp_time_s: Optional[float] = None
@@ -123,6 +130,10 @@ class BenchConfig:
             raise ValueError(f"ilp_time_s must be positive, got {self.ilp_time_s}")
         if not self.sim_ilp_time_s > 0:
             raise ValueError(f"sim_ilp_time_s must be positive, got {self.sim_ilp_time_s} (--sim-ilp-time: seconds per split, e.g. 2 or 30)")
+        if self.sim_baseline_splits not in SIM_BASELINE_SPLITS:
+            raise ValueError(
+                f"sim_baseline_splits must be one of {SIM_BASELINE_SPLITS}, got {self.sim_baseline_splits!r} (--sim-baseline-splits)"
+            )
         if not self.sim_memory_gb > 0:
             raise ValueError(f"sim_memory_gb must be positive, got {self.sim_memory_gb}")
         for name in ("stages", "repeats", "steps", "mb_structures", "atoms", "threads"):
@@ -617,18 +628,22 @@ def _sim_schedules(
     equal_memory: bool = True,
     count_cap: bool = True,
     device_budget_bytes: Optional[float] = None,
+    baseline_alternatives: Optional[Mapping[Tuple[str, int], Tuple[Any, Any]]] = None,
 ) -> Dict[str, Any]:
     """Schedule and simulate every schedule on its partition; memory per rank is the
     replayed peak of its programs (`passes.memory.MemoryReplay`) at the micro-batch's
     sizes. WaveK runs as the trainer's default would on a device whose budget for the
     replayed peak is ``device_budget_bytes`` (None: the count cap of P). With
     ``equal_memory`` WaveK also runs under a budget of 1F1B's worst rank (result key
-    `EQUAL_MEMORY`), with ``count_cap`` at P in flight whatever the memory (`COUNT_CAP`)."""
+    `EQUAL_MEMORY`), with ``count_cap`` at P in flight whatever the memory (`COUNT_CAP`).
+    ``baseline_alternatives``: per key, another (partition, DAG) that Hanayo and GPipe
+    may run on instead, the faster kept (`BenchConfig.sim_baseline_splits`)."""
     from .passes.memory import MemoryReplay
     from .passes.wavek import make_programs
     from .runtime.executor import StageGraphs
 
-    replays = {key: MemoryReplay(StageGraphs.from_plan(p.plan)) for key, p in parts.items()}
+    alternatives = dict(baseline_alternatives or {})
+    replays = {id(p): MemoryReplay(StageGraphs.from_plan(p.plan)) for p in [*parts.values(), *(a[0] for a in alternatives.values())]}
     res: Dict[str, Any] = {}
     names = list(schedules) + ([EQUAL_MEMORY] if equal_memory and {"wavek", "1f1b"} <= set(schedules) else [])
     names += [COUNT_CAP] if count_cap and "wavek" in schedules else []
@@ -643,14 +658,15 @@ def _sim_schedules(
             keys = [("symfold", k) for k in sim_chunks]
         else:  # gpipe: same K as the first wavek K
             keys = [("symfold", sim_chunks[0])]
+        candidates = [(parts[key], dag_of[key]) for key in keys if dag_of.get(key) is not None]
+        if sched in ("hanayo", "gpipe"):
+            candidates += [alternatives[key] for key in keys if key in alternatives]
         best = None
-        for key in keys:
-            dag = dag_of.get(key)
-            if dag is None:
-                continue
+        for part, dag in candidates:
+            key = (part.method, part.chunks)
             msz = [dict(sizes)] * dag.microbatches
 
-            def memory_of(programs: Any, replay: Any = replays[key], msz: Any = msz) -> List[float]:
+            def memory_of(programs: Any, replay: Any = replays[id(part)], msz: Any = msz) -> List[float]:
                 return replay.peaks(programs, msz)
 
             kw: Dict[str, Any] = {}
@@ -661,7 +677,7 @@ def _sim_schedules(
             programs = make_programs(dag, sched, **kw)
             sim = programs.meta["simulated"]
             cand = {
-                "chunks": key[1], "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"],
+                "chunks": key[1], "transfer_charge": part.problem.transfer_charge, "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"],
                 "efficiency_bound": sim.get("efficiency_bound"),
                 "bubble_fraction": sim["bubble_fraction"], "peak_in_flight": max(sim["peak_in_flight"]),
                 "peak_stash_bytes": max(sim["peak_stash_bytes"], default=0.0),
@@ -676,6 +692,34 @@ def _sim_schedules(
         if best is not None:
             res[name] = best
     return res
+
+
+def _once_charged_splits(
+    cfg: BenchConfig, sm: _SimModel, P: int, parts: Mapping[Tuple[str, int], Any], errors: Dict[str, str], bandwidth: float
+) -> Dict[Tuple[str, int], Any]:
+    """With ``sim_baseline_splits="best"``: for each SymFold K that Hanayo or GPipe runs,
+    the split solved with transfers charged once per cut edge, where the trainer's split
+    was charged per chunk (`BenchConfig.sim_baseline_splits`). A split that cannot be
+    made goes to ``errors``."""
+    from .passes.symfold import partition_graph
+
+    if cfg.sim_baseline_splits != "best":
+        return {}
+    ks = set(hanayo_chunks(cfg.sim_chunks)) if "hanayo" in cfg.schedules else set()
+    ks |= {cfg.sim_chunks[0]} if "gpipe" in cfg.schedules else set()
+    out: Dict[Tuple[str, int], Any] = {}
+    for K in sorted(ks):
+        trainer_split = parts.get(("symfold", K))
+        if trainer_split is None or trainer_split.problem.transfer_charge == "once":
+            continue
+        try:
+            out[("symfold", K)] = partition_graph(
+                sm.joint.gm, P, K, "symfold", node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s,
+                bandwidth_bytes_per_s=bandwidth, transfer_charge="once",
+            )
+        except Exception as exc:  # reported, not fatal: the baselines keep the trainer's split
+            errors[f"symfold K={K} charged once"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def run_simulation(
@@ -755,13 +799,20 @@ def run_simulation(
                     )
                 except Exception as exc:  # a partition the model cannot give: reported, not fatal
                     errors[f"{method} K={K}"] = f"{type(exc).__name__}: {exc}"
+            alternatives = _once_charged_splits(cfg, sm, P, parts, errors, bandwidth)
             part_s = time.perf_counter() - t0
             # the trainer's default, memory_cap_gb='auto', on a device of sim_memory_gb
             budget = AUTO_MEMORY_FRACTION * cfg.sim_memory_gb * 1e9 - sm.state_bytes
             for f in cfg.sim_factors:
                 M = f * P
-                dags = {k: PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency) for k, p in parts.items()}
-                res = _sim_schedules(parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.equal_memory, cfg.count_cap, budget)
+                def dag(p: Any) -> Any:
+                    return PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=bandwidth, latency_s=latency)
+
+                dags = {k: dag(p) for k, p in parts.items()}
+                res = _sim_schedules(
+                    parts, dags, cfg.schedules, cfg.sim_chunks, sm.sizes, cfg.equal_memory, cfg.count_cap, budget,
+                    baseline_alternatives={k: (p, dag(p)) for k, p in alternatives.items()},
+                )
                 thr = {s: M * S / r["makespan_s"] for s, r in res.items()}
                 row = {
                     "model": name,
@@ -783,7 +834,11 @@ def run_simulation(
                     "wavek_efficiency_bound": res.get("wavek", {}).get("efficiency_bound"),
                     "wavek_eqmem_efficiency": res.get(EQUAL_MEMORY, {}).get("efficiency"),
                     "wavek_count_efficiency": res.get(COUNT_CAP, {}).get("efficiency"),
-                    "imbalance": {f"{m} K={k}": p.imbalance() for (m, k), p in parts.items()},
+                    "imbalance": {
+                        **{f"{m} K={k}": p.imbalance() for (m, k), p in parts.items()},
+                        **{f"{m} K={k} charged once": p.imbalance() for (m, k), p in alternatives.items()},
+                    },
+                    "transfer_charge": {f"{m} K={k}": p.problem.transfer_charge for (m, k), p in parts.items()},
                     "partition_s": part_s,
                     "errors": errors,
                 }
@@ -981,6 +1036,13 @@ def _memory_ratio(row: Mapping[str, Any], name: str) -> Optional[float]:
     return a / b if a and b else None
 
 
+def _split_text(result: Mapping[str, Any]) -> str:
+    """A simulated schedule's K, with ", once" where its split charged transfers once."""
+    if "chunks" not in result:
+        return "n/a"
+    return f"{result['chunks']}, once" if result.get("transfer_charge") == "once" else str(result["chunks"])
+
+
 def markdown_sim(sim: Dict[str, Any]) -> str:
     rows = sim["rows"]
     scheds = [s for s in SCHEDULES if any(s in r["schedules"] for r in rows)]
@@ -998,7 +1060,7 @@ def markdown_sim(sim: Dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['stages']} | {r['microbatches']} | "
             + " | ".join(_fmt(thr.get(s), ".1f") for s in scheds)
-            + f" | {wk.get('chunks', 'n/a')} | {r['schedules'].get('hanayo', {}).get('chunks', 'n/a')} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(ra['wavek/1f1b'])} | {_fmt(ra['wavek/hanayo'])} "
+            + f" | {_split_text(wk)} | {_split_text(r['schedules'].get('hanayo', {}))} | {_cap_text(wk.get('wavek_cap'))} | {_fmt(ra['wavek/1f1b'])} | {_fmt(ra['wavek/hanayo'])} "
             + f"| {_fmt(r['wavek_efficiency'])} ({_fmt(r.get('wavek_efficiency_bound'))}) | {_fmt(_memory_ratio(r, 'wavek'))}, {_fmt(_memory_ratio(r, 'hanayo'))} "
             + f"| {_fmt(ra.get('wavek@count-P/1f1b'))} | {_fmt(ra.get('wavek@count-P/hanayo'))} | {_fmt(r.get('wavek_count_efficiency'))} "
             + f"| {_fmt(_memory_ratio(r, COUNT_CAP))} "
@@ -1112,6 +1174,7 @@ def config_from_args(args: Any) -> BenchConfig:
         sim_factors=list(args.sim_factors),
         sim_chunks=list(args.sim_chunks),
         sim_ilp_time_s=args.sim_ilp_time,
+        sim_baseline_splits=args.sim_baseline_splits,
         ilp_time_s=args.ilp_time_limit,
         reuse_plans=not args.no_plan_reuse,
         sim_costs=args.sim_costs,
@@ -1155,6 +1218,11 @@ def add_bench_args(p: Any) -> None:
     p.add_argument(
         "--sim-ilp-time", type=float, default=JanusOptions.ilp_time_limit_s,
         help="ILP time limit per split in the simulation (s; default: the trainer's, 30 s); the studies in docs/benchmarks.md mostly use 2 to save hours",
+    )
+    p.add_argument(
+        "--sim-baseline-splits", choices=list(SIM_BASELINE_SPLITS), default="best",
+        help="best (default): simulated Hanayo and GPipe keep the faster of the trainer's split and one with transfers "
+        "charged once per cut edge; trainer: every schedule on the trainer's split (WaveK always is)",
     )
     p.add_argument(
         "--sim-costs", default=None, metavar="FILE",

@@ -168,6 +168,8 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(ilp_time_s=0)
     with pytest.raises(ValueError, match="sim_ilp_time_s must be positive"):
         BenchConfig(sim_ilp_time_s=-1)
+    with pytest.raises(ValueError, match="sim_baseline_splits must be one of"):
+        BenchConfig(sim_baseline_splits="all")
     # the simulation splits as the trainer does unless told otherwise
     assert BenchConfig().sim_ilp_time_s == JanusOptions().ilp_time_limit_s
 
@@ -190,8 +192,46 @@ def test_simulated_hanayo_gets_the_wave_ks_wavek_gets():
     assert row["ratios"]["wavek/hanayo"] >= 1 - 1e-9
     head, _, line = markdown_sim(sim).splitlines()[:3]
     cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in line.split("|")]))
-    assert cells["hanayo K"] == str(row["schedules"]["hanayo"]["chunks"])
-    assert cells["wavek K"] == str(row["schedules"]["wavek"]["chunks"])
+    once = ", once" if row["schedules"]["hanayo"]["transfer_charge"] == "once" else ""
+    assert cells["hanayo K"] == f"{row['schedules']['hanayo']['chunks']}{once}"
+    assert cells["wavek K"] == str(row["schedules"]["wavek"]["chunks"])  # the trainer's split: charged per chunk here
+
+
+def test_simulated_baselines_keep_the_faster_split_and_wavek_the_trainers():
+    """Which transfer charge splits best varies by model and P, and a baseline must not
+    lose on the split: Hanayo (and GPipe) run on the trainer's split and on one charged
+    once per cut edge, the faster kept; WaveK stays on the trainer's split, so its
+    ratios are what the trainer gets."""
+    import janus_compile
+    from janus_compile.bench import _sim_schedules, build_bench_model, sim_microbatches
+    from janus_compile.compiled import size_values_from_batch
+    from janus_compile.passes.symfold import partition_graph
+    from janus_compile.passes.wavek import PipelineDAG
+
+    mb = sim_microbatches(BenchConfig(hidden=8, atoms=8))[0]
+    joint = janus_compile.compile(build_bench_model("schnet", 8, 4, 4.5, "float32", 0), mb).joint_graph(mb)
+    sizes = size_values_from_batch(mb)
+    P, K, M, key, link = 3, 2, 6, ("symfold", 2), 25e9
+
+    def split(**charge):  # priced by FLOPs and bytes, not timed: the same splits on every machine
+        return partition_graph(joint.gm, P, K, "symfold", sizes=sizes, time_limit_s=10.0, bandwidth_bytes_per_s=link, **charge)
+
+    def dag(part):
+        return PipelineDAG.from_partition(part, M, bandwidth_bytes_per_s=link, latency_s=20e-6)
+
+    def simulate(part, alternative=None):
+        alternatives = {key: (alternative, dag(alternative))} if alternative else None
+        return _sim_schedules({key: part}, {key: dag(part)}, ["hanayo", "wavek", "gpipe"], [K], sizes, False, False, None, baseline_alternatives=alternatives)
+
+    trainers, once = split(), split(transfer_charge="once")
+    assert trainers.problem.transfer_charge == "per_chunk" and once.problem.transfer_charge == "once"
+    on_trainers, on_once, both = simulate(trainers), simulate(once), simulate(trainers, once)
+    # here the split charged once is the faster for both baselines, so the choice shows
+    assert on_once["hanayo"]["makespan_s"] < on_trainers["hanayo"]["makespan_s"]
+    assert on_once["gpipe"]["makespan_s"] < on_trainers["gpipe"]["makespan_s"]
+    for s in ("hanayo", "gpipe"):
+        assert both[s] == on_once[s] and both[s]["transfer_charge"] == "once"
+    assert both["wavek"] == on_trainers["wavek"] and both["wavek"]["transfer_charge"] == "per_chunk"
 
 
 def test_bench_simulation_writes_json_after_each_p(tmp_path, monkeypatch):
@@ -204,9 +244,13 @@ def test_bench_simulation_writes_json_after_each_p(tmp_path, monkeypatch):
     args = [
         "bench", *TINY, "--no-real", "--simulate", "--sim-models", "schnet", "--sim-stages", "2", "4",
         "--sim-factors", "1", "--sim-chunks", "1", "--sim-ilp-time", "1", "--no-equal-memory", "--no-count-cap",
-        "--out", str(out),
+        "--sim-baseline-splits", "trainer", "--out", str(out),
     ]
     assert main(args) == 0
     assert [w.get("partial", False) for w in written] == [True, True, False]
+    assert written[-1]["config"]["sim_baseline_splits"] == "trainer"
+    for row in written[-1]["simulated"]["rows"]:  # every schedule on the trainer's splits: none charged once made
+        assert not [k for k in row["imbalance"] if k.endswith("charged once")]
+        assert row["schedules"]["hanayo"]["transfer_charge"] == row["transfer_charge"][f"symfold K={row['schedules']['hanayo']['chunks']}"]
     assert [[r["stages"] for r in w["simulated"]["rows"]] for w in written] == [[2], [2, 4], [2, 4]]
     assert json.loads(out.read_text())["simulated"]["rows"] == written[-1]["simulated"]["rows"]
