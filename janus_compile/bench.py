@@ -637,9 +637,13 @@ def _sim_schedules(
     ``equal_memory`` WaveK also runs under a budget of 1F1B's worst rank (result key
     `EQUAL_MEMORY`), with ``count_cap`` at P in flight whatever the memory (`COUNT_CAP`).
     ``baseline_alternatives``: per key, another (partition, DAG) that Hanayo and GPipe
-    may run on instead, the faster kept (`BenchConfig.sim_baseline_splits`)."""
+    may run on instead, the faster kept (`BenchConfig.sim_baseline_splits`). A baseline
+    keeps its fastest K; WaveK keeps K as the trainer's ``chunks="auto"`` would (a larger
+    K only if shorter by more than `AUTO_CHUNKS_MARGIN`). Each result lists the step of
+    every K (and split) tried, ``tried_makespan_s``."""
     from .passes.memory import MemoryReplay
     from .passes.wavek import make_programs
+    from .pipeline import AUTO_CHUNKS_MARGIN
     from .runtime.executor import StageGraphs
 
     alternatives = dict(baseline_alternatives or {})
@@ -654,14 +658,18 @@ def _sim_schedules(
             keys = [("unfolded", 1)]
         elif sched == "hanayo":  # a wave needs K >= 2: Hanayo gets every such K WaveK gets, best kept
             keys = [("symfold", k) for k in hanayo_chunks(sim_chunks)]
-        elif sched == "wavek":
-            keys = [("symfold", k) for k in sim_chunks]
+        elif sched == "wavek":  # in the order chunks="auto" tries them
+            keys = [("symfold", k) for k in sorted(sim_chunks)]
         else:  # gpipe: same K as the first wavek K
             keys = [("symfold", sim_chunks[0])]
         candidates = [(parts[key], dag_of[key]) for key in keys if dag_of.get(key) is not None]
         if sched in ("hanayo", "gpipe"):
             candidates += [alternatives[key] for key in keys if key in alternatives]
+        # WaveK keeps a K as the trainer's chunks="auto" does: a larger one only when its
+        # step is shorter by more than AUTO_CHUNKS_MARGIN; a baseline keeps its fastest
+        margin = AUTO_CHUNKS_MARGIN if sched == "wavek" else 0.0
         best = None
+        tried: Dict[str, float] = {}
         for part, dag in candidates:
             key = (part.method, part.chunks)
             msz = [dict(sizes)] * dag.microbatches
@@ -685,12 +693,15 @@ def _sim_schedules(
                 "wavek_cap": programs.meta.get("wavek_cap"),
                 "wavek_memory_fits": programs.meta.get("wavek_memory_fits"),
             }
+            tried[f"K={key[1]}" + (" once" if part.problem.transfer_charge == "once" else "")] = sim["makespan_s"]
             # a K whose schedule fits the memory budget beats one that fell back to the count cap
-            rank = (cand["wavek_memory_fits"] is False, cand["makespan_s"])
-            if best is None or rank < (best["wavek_memory_fits"] is False, best["makespan_s"]):
+            over = cand["wavek_memory_fits"] is False
+            if best is None or over < (best["wavek_memory_fits"] is False) or (
+                over == (best["wavek_memory_fits"] is False) and cand["makespan_s"] < best["makespan_s"] * (1 - margin)
+            ):
                 best = cand
         if best is not None:
-            res[name] = best
+            res[name] = {**best, "tried_makespan_s": tried}
     return res
 
 

@@ -11,6 +11,7 @@ from janus_compile.bench import COUNT_CAP, EQUAL_MEMORY, SCHEDULES, BenchConfig,
 from janus_compile.bench_plots import simulated_charts
 from janus_compile.cli import main
 from janus_compile.options import JanusOptions
+from janus_compile.pipeline import AUTO_CHUNKS_MARGIN
 
 TINY = ["--hidden", "8", "--layers", "2", "--atoms", "8"]
 
@@ -188,6 +189,14 @@ def test_simulated_hanayo_gets_the_wave_ks_wavek_gets():
     (row,) = sim["rows"]
     assert row["schedules"]["hanayo"]["chunks"] in (2, 4), row["errors"]
     assert row["schedules"]["wavek"]["chunks"] in (1, 2, 4)
+    # WaveK's K as the trainer's chunks="auto" keeps it: a larger K only if shorter by more than the margin
+    kept = None
+    for name, t in row["schedules"]["wavek"]["tried_makespan_s"].items():
+        if kept is None or t < kept[1] * (1 - AUTO_CHUNKS_MARGIN):
+            kept = (name, t)
+    assert f"K={row['schedules']['wavek']['chunks']}" == kept[0] and row["schedules"]["wavek"]["makespan_s"] == kept[1]
+    # Hanayo keeps its fastest
+    assert row["schedules"]["hanayo"]["makespan_s"] == min(row["schedules"]["hanayo"]["tried_makespan_s"].values())
     # WaveK searches the phase-agnostic wave order at every K Hanayo gets: never slower
     assert row["ratios"]["wavek/hanayo"] >= 1 - 1e-9
     head, _, line = markdown_sim(sim).splitlines()[:3]
@@ -230,7 +239,8 @@ def test_simulated_baselines_keep_the_faster_split_and_wavek_the_trainers():
     assert on_once["hanayo"]["makespan_s"] < on_trainers["hanayo"]["makespan_s"]
     assert on_once["gpipe"]["makespan_s"] < on_trainers["gpipe"]["makespan_s"]
     for s in ("hanayo", "gpipe"):
-        assert both[s] == on_once[s] and both[s]["transfer_charge"] == "once"
+        assert both[s]["transfer_charge"] == "once" and both[s]["tried_makespan_s"] == {"K=2": on_trainers[s]["makespan_s"], "K=2 once": on_once[s]["makespan_s"]}
+        assert {k: v for k, v in both[s].items() if k != "tried_makespan_s"} == {k: v for k, v in on_once[s].items() if k != "tried_makespan_s"}
     assert both["wavek"] == on_trainers["wavek"] and both["wavek"]["transfer_charge"] == "per_chunk"
 
 
