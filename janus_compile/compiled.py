@@ -202,6 +202,8 @@ class CompiledMLIP(nn.Module):
         # few GB/s and every copy also takes the ranks' CPU, which the simulator charges
         # apart from the link (`copy_cost`) and the ILP does not.
         link = {"bandwidth_bytes_per_s": opts.link_bytes_per_s} if opts.device != "cpu" else {}
+        # "auto" passes no charge, so partition_graph may fall back to charging once
+        charge = {"transfer_charge": opts.transfer_charge} if opts.transfer_charge != "auto" else {}
         return partition_graph(
             graph.gm,
             opts.stages,
@@ -215,6 +217,7 @@ class CompiledMLIP(nn.Module):
             replicate=opts.replicate,
             order=opts.unit_order,
             **link,
+            **charge,
         )
 
     def partition(self, batch: AtomsBatch):

@@ -19,6 +19,7 @@ SCHEDULES = ("wavek", "1f1b", "hanayo", "gpipe")
 PARTITIONS = ("symfold", "even", "unfolded")
 REPLICATE = ("auto", "always", "never")
 UNIT_ORDERS = ("auto", "chain", "dag")
+TRANSFER_CHARGE_OPTIONS = ("auto", "per_chunk", "once")  # JanusOptions.transfer_charge
 
 
 class OptionsError(JanusError, ValueError):
@@ -75,6 +76,10 @@ class JanusOptions:
     partition: str = "symfold"
     replicate: str = "auto"  # recompute geometry on the chunks that read it: auto / always / never
     unit_order: str = "auto"  # SymFold chunks: contiguous runs of units (chain), any data-flow order (dag), or dag when the chain misses max/mean 1.10 (auto)
+    # how the SymFold ILP charges a value read on a later chunk: one transfer per chunk it
+    # crosses (per_chunk), one per cut edge as the runtime sends it (once), or auto: per
+    # chunk, solved again charged once where that misses max/mean 1.10 (docs/partitioning.md)
+    transfer_charge: str = "auto"
     ilp_time_limit_s: float = 30.0
     # per rank: a number bounds the ILP and WaveK's in-flight search; "auto" lets WaveK fill a
     # share of the rank's device memory (memory_budget.py); None keeps the count of P in flight
@@ -123,6 +128,8 @@ class JanusOptions:
             raise OptionsError(f"option 'replicate' must be one of {REPLICATE}, got {self.replicate!r}")
         if self.unit_order not in UNIT_ORDERS:
             raise OptionsError(f"option 'unit_order' must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
+        if self.transfer_charge not in TRANSFER_CHARGE_OPTIONS:
+            raise OptionsError(f"option 'transfer_charge' must be one of {TRANSFER_CHARGE_OPTIONS}, got {self.transfer_charge!r}")
         if not isinstance(self.rebalance, bool):
             raise OptionsError(f"option 'rebalance' must be True or False, got {self.rebalance!r}")
         if self.ilp_time_limit_s <= 0:

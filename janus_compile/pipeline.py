@@ -221,7 +221,9 @@ SCHEDULE_ONLY_OPTIONS = frozenset({"microbatches", "schedule", "chunks", "dump_d
 # Options the partitions depend on but not the joint graph and its calibration: a trainer
 # differing in these shares the earlier one's graphs and node times and partitions anew
 # (link_gb_s: the ILP's transfer price on GPUs, `CompiledMLIP._solve`)
-PARTITION_OPTIONS = frozenset({"stages", "partition", "replicate", "unit_order", "ilp_time_limit_s", "rebalance", "link_gb_s"})
+PARTITION_OPTIONS = frozenset(
+    {"stages", "partition", "replicate", "unit_order", "transfer_charge", "ilp_time_limit_s", "rebalance", "link_gb_s"}
+)
 
 
 def graph_sharing_problem(like: "PipelineTrainer", model: nn.Module, loss: Any, example_mb: AtomsBatch, options: JanusOptions) -> Optional[str]:

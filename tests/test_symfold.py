@@ -226,3 +226,21 @@ def test_compile_with_stages_runs_split_graphs_exactly_and_dumps(tmp_path):
         assert (tmp_path / f).exists(), f
     assert len(list((tmp_path / "split").glob("chunk*_*.py"))) == len(part.plan.groups)
     assert "| chunk | rank |" in (tmp_path / "partition.md").read_text()
+
+
+@pytest.mark.parametrize("charge", ["per_chunk", "once"])
+def test_transfer_charge_option_reaches_the_ilp(charge):
+    """`transfer_charge` (a trainer option) picks the ILP's charge outright, with no
+    fallback; "auto" leaves partition_graph its own (per chunk, once where it misses
+    max/mean 1.10). The split stays exact."""
+    model = setup("schnet")[0]
+    batch = random_batch(5, 3)
+    compiled = janus_compile.compile(model, loss=LOSS, stages=4, chunks=2, transfer_charge=charge, calibrate=False)
+    part = compiled.partition(batch)
+    assert part.problem.transfer_charge == charge
+    assert_plan_exact("schnet", part, f"transfer_charge={charge}")
+
+
+def test_unknown_transfer_charge_is_a_clear_error():
+    with pytest.raises(janus_compile.OptionsError, match="option 'transfer_charge' must be one of"):
+        janus_compile.compile(setup("schnet")[0], loss=LOSS, stages=2, transfer_charge="twice")
