@@ -671,7 +671,6 @@ def _sim_schedules(
         best = None
         tried: Dict[str, float] = {}
         for part, dag in candidates:
-            key = (part.method, part.chunks)
             msz = [dict(sizes)] * dag.microbatches
 
             def memory_of(programs: Any, replay: Any = replays[id(part)], msz: Any = msz) -> List[float]:
@@ -685,7 +684,7 @@ def _sim_schedules(
             programs = make_programs(dag, sched, **kw)
             sim = programs.meta["simulated"]
             cand = {
-                "chunks": key[1], "transfer_charge": part.problem.transfer_charge, "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"],
+                "chunks": part.chunks, "transfer_charge": part.problem.transfer_charge, "makespan_s": sim["makespan_s"], "efficiency": sim["efficiency"],
                 "efficiency_bound": sim.get("efficiency_bound"),
                 "bubble_fraction": sim["bubble_fraction"], "peak_in_flight": max(sim["peak_in_flight"]),
                 "peak_stash_bytes": max(sim["peak_stash_bytes"], default=0.0),
@@ -693,7 +692,7 @@ def _sim_schedules(
                 "wavek_cap": programs.meta.get("wavek_cap"),
                 "wavek_memory_fits": programs.meta.get("wavek_memory_fits"),
             }
-            tried[f"K={key[1]}" + (" once" if part.problem.transfer_charge == "once" else "")] = sim["makespan_s"]
+            tried[f"K={part.chunks}" + (" once" if part.problem.transfer_charge == "once" else "")] = sim["makespan_s"]
             # a K whose schedule fits the memory budget beats one that fell back to the count cap
             over = cand["wavek_memory_fits"] is False
             if best is None or over < (best["wavek_memory_fits"] is False) or (
@@ -706,14 +705,12 @@ def _sim_schedules(
 
 
 def _once_charged_splits(
-    cfg: BenchConfig, sm: _SimModel, P: int, parts: Mapping[Tuple[str, int], Any], errors: Dict[str, str], bandwidth: float
+    cfg: BenchConfig, parts: Mapping[Tuple[str, int], Any], errors: Dict[str, str], split: Callable[..., Any]
 ) -> Dict[Tuple[str, int], Any]:
     """With ``sim_baseline_splits="best"``: for each SymFold K that Hanayo or GPipe runs,
-    the split solved with transfers charged once per cut edge, where the trainer's split
-    was charged per chunk (`BenchConfig.sim_baseline_splits`). A split that cannot be
-    made goes to ``errors``."""
-    from .passes.symfold import partition_graph
-
+    the split solved (by ``split``, as the trainer's were) with transfers charged once per
+    cut edge, where the trainer's split was charged per chunk
+    (`BenchConfig.sim_baseline_splits`). A split that cannot be made goes to ``errors``."""
     if cfg.sim_baseline_splits != "best":
         return {}
     ks = set(hanayo_chunks(cfg.sim_chunks)) if "hanayo" in cfg.schedules else set()
@@ -724,10 +721,7 @@ def _once_charged_splits(
         if trainer_split is None or trainer_split.problem.transfer_charge == "once":
             continue
         try:
-            out[("symfold", K)] = partition_graph(
-                sm.joint.gm, P, K, "symfold", node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s,
-                bandwidth_bytes_per_s=bandwidth, transfer_charge="once",
-            )
+            out[("symfold", K)] = split("symfold", K, transfer_charge="once")
         except Exception as exc:  # reported, not fatal: the baselines keep the trainer's split
             errors[f"symfold K={K} charged once"] = f"{type(exc).__name__}: {exc}"
     return out
@@ -801,16 +795,20 @@ def run_simulation(
             errors: Dict[str, str] = {}
             t0 = time.perf_counter()
             keys = {("unfolded", 1)} | {("symfold", k) for k in [*cfg.sim_chunks, *hanayo_chunks(cfg.sim_chunks)]}
+
+            def split(method: str, K: int, **charge: str) -> Any:
+                # the ILP prices transfers at the simulated link's speed
+                return partition_graph(
+                    sm.joint.gm, P, K, method, node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s,
+                    bandwidth_bytes_per_s=bandwidth, **charge,
+                )
+
             for method, K in sorted(keys):
                 try:
-                    # the ILP prices transfers at the simulated link's speed
-                    parts[(method, K)] = partition_graph(
-                        sm.joint.gm, P, K, method, node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s,
-                        bandwidth_bytes_per_s=bandwidth,
-                    )
+                    parts[(method, K)] = split(method, K)
                 except Exception as exc:  # a partition the model cannot give: reported, not fatal
                     errors[f"{method} K={K}"] = f"{type(exc).__name__}: {exc}"
-            alternatives = _once_charged_splits(cfg, sm, P, parts, errors, bandwidth)
+            alternatives = _once_charged_splits(cfg, parts, errors, split)
             part_s = time.perf_counter() - t0
             # the trainer's default, memory_cap_gb='auto', on a device of sim_memory_gb
             budget = AUTO_MEMORY_FRACTION * cfg.sim_memory_gb * 1e9 - sm.state_bytes

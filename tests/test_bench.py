@@ -206,34 +206,50 @@ def test_simulated_hanayo_gets_the_wave_ks_wavek_gets():
     assert cells["wavek K"] == str(row["schedules"]["wavek"]["chunks"])  # the trainer's split: charged per chunk here
 
 
-def test_simulated_baselines_keep_the_faster_split_and_wavek_the_trainers():
+@pytest.fixture(scope="module")
+def flop_priced_schnet():
+    """A 4-block SchNet joint graph and its sizes, split with FLOP and byte costs (not
+    timed): the same splits and simulated steps on every machine."""
+    import janus_compile
+    from janus_compile.bench import build_bench_model, sim_microbatches
+    from janus_compile.compiled import size_values_from_batch
+
+    mb = sim_microbatches(BenchConfig(hidden=8, atoms=8))[0]
+    joint = janus_compile.compile(build_bench_model("schnet", 8, 4, 4.5, "float32", 0), mb).joint_graph(mb)
+    return joint, size_values_from_batch(mb)
+
+
+def _flop_split(flop_priced_schnet, P, K, **charge):
+    from janus_compile.passes.symfold import partition_graph
+
+    joint, sizes = flop_priced_schnet
+    return partition_graph(joint.gm, P, K, "symfold", sizes=sizes, time_limit_s=10.0, bandwidth_bytes_per_s=25e9, **charge)
+
+
+def _flop_simulate(flop_priced_schnet, parts, M, schedules, sim_chunks, alternatives=None):
+    from janus_compile.bench import _sim_schedules
+    from janus_compile.passes.wavek import PipelineDAG
+
+    def dag(part):
+        return PipelineDAG.from_partition(part, M, bandwidth_bytes_per_s=25e9, latency_s=20e-6)
+
+    alts = {k: (p, dag(p)) for k, p in (alternatives or {}).items()}
+    dags = {k: dag(p) for k, p in parts.items()}
+    return _sim_schedules(parts, dags, schedules, sim_chunks, flop_priced_schnet[1], False, False, None, baseline_alternatives=alts)
+
+
+def test_simulated_baselines_keep_the_faster_split_and_wavek_the_trainers(flop_priced_schnet):
     """Which transfer charge splits best varies by model and P, and a baseline must not
     lose on the split: Hanayo (and GPipe) run on the trainer's split and on one charged
     once per cut edge, the faster kept; WaveK stays on the trainer's split, so its
     ratios are what the trainer gets."""
-    import janus_compile
-    from janus_compile.bench import _sim_schedules, build_bench_model, sim_microbatches
-    from janus_compile.compiled import size_values_from_batch
-    from janus_compile.passes.symfold import partition_graph
-    from janus_compile.passes.wavek import PipelineDAG
-
-    mb = sim_microbatches(BenchConfig(hidden=8, atoms=8))[0]
-    joint = janus_compile.compile(build_bench_model("schnet", 8, 4, 4.5, "float32", 0), mb).joint_graph(mb)
-    sizes = size_values_from_batch(mb)
-    P, K, M, key, link = 3, 2, 6, ("symfold", 2), 25e9
-
-    def split(**charge):  # priced by FLOPs and bytes, not timed: the same splits on every machine
-        return partition_graph(joint.gm, P, K, "symfold", sizes=sizes, time_limit_s=10.0, bandwidth_bytes_per_s=link, **charge)
-
-    def dag(part):
-        return PipelineDAG.from_partition(part, M, bandwidth_bytes_per_s=link, latency_s=20e-6)
+    P, K, M, key = 3, 2, 6, ("symfold", 2)
+    trainers, once = _flop_split(flop_priced_schnet, P, K), _flop_split(flop_priced_schnet, P, K, transfer_charge="once")
+    assert trainers.problem.transfer_charge == "per_chunk" and once.problem.transfer_charge == "once"
 
     def simulate(part, alternative=None):
-        alternatives = {key: (alternative, dag(alternative))} if alternative else None
-        return _sim_schedules({key: part}, {key: dag(part)}, ["hanayo", "wavek", "gpipe"], [K], sizes, False, False, None, baseline_alternatives=alternatives)
+        return _flop_simulate(flop_priced_schnet, {key: part}, M, ["hanayo", "wavek", "gpipe"], [K], {key: alternative} if alternative else None)
 
-    trainers, once = split(), split(transfer_charge="once")
-    assert trainers.problem.transfer_charge == "per_chunk" and once.problem.transfer_charge == "once"
     on_trainers, on_once, both = simulate(trainers), simulate(once), simulate(trainers, once)
     # here the split charged once is the faster for both baselines, so the choice shows
     assert on_once["hanayo"]["makespan_s"] < on_trainers["hanayo"]["makespan_s"]
@@ -242,6 +258,18 @@ def test_simulated_baselines_keep_the_faster_split_and_wavek_the_trainers():
         assert both[s]["transfer_charge"] == "once" and both[s]["tried_makespan_s"] == {"K=2": on_trainers[s]["makespan_s"], "K=2 once": on_once[s]["makespan_s"]}
         assert {k: v for k, v in both[s].items() if k != "tried_makespan_s"} == {k: v for k, v in on_once[s].items() if k != "tried_makespan_s"}
     assert both["wavek"] == on_trainers["wavek"] and both["wavek"]["transfer_charge"] == "per_chunk"
+
+
+def test_simulated_wavek_keeps_k_by_the_trainers_margin(flop_priced_schnet):
+    """WaveK's K as chunks="auto" keeps it: a larger K only when its step is shorter by
+    more than AUTO_CHUNKS_MARGIN. At P = 3, K = 2 is shorter than K = 1 at both M, by
+    more than the margin at M = P and by less at M = 2P."""
+    parts = {("symfold", k): _flop_split(flop_priced_schnet, 3, k) for k in (1, 2)}
+    for M, kept in ((3, 2), (6, 1)):
+        wavek = _flop_simulate(flop_priced_schnet, parts, M, ["wavek"], [2, 1])["wavek"]  # tried in the trainer's order whatever given
+        t1, t2 = wavek["tried_makespan_s"]["K=1"], wavek["tried_makespan_s"]["K=2"]
+        assert t2 < t1 and (t2 < t1 * (1 - AUTO_CHUNKS_MARGIN)) == (kept == 2), (M, t1, t2)
+        assert wavek["chunks"] == kept and wavek["makespan_s"] == {1: t1, 2: t2}[kept]
 
 
 def test_bench_simulation_writes_json_after_each_p(tmp_path, monkeypatch):
