@@ -110,6 +110,10 @@ class BenchConfig:
     # After the timed runs, one more step per schedule with every tensor allocation
     # recorded (runtime/memory_probe.py): the measured peak the memory replay predicts
     allocator_probe: bool = True
+    # Processes running the same split graphs while the shared timing times them (CPU), as
+    # the other ranks of a real run load the host's memory system beside each rank
+    # (`passes/group_timing.py`). None: P - 1, what a local run has; 0: time alone.
+    timing_contenders: Optional[int] = None
     # per-op cost models timed on another device (`januspipe calibrate --out FILE`); None:
     # the simulation calibrates on this machine
     sim_costs: Optional[str] = None
@@ -141,6 +145,8 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.timing_contenders is not None and self.timing_contenders < 0:
+            raise ValueError(f"timing_contenders must be >= 0 (or None for P - 1), got {self.timing_contenders} (--timing-contenders)")
         if not self.microbatches or min(self.microbatches) < 1:
             raise ValueError(f"microbatches must be positive integers, got {self.microbatches}")
         if self.stages < 2 and self.real:
@@ -328,7 +334,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b
 
 
-def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -> Dict[str, Dict[str, Any]]:
+def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3, contenders: int = 0) -> Dict[str, Dict[str, Any]]:
     """Re-simulate every trainer's programs with group times taken in one sitting.
 
     Each trainer times its own groups when it is built (`passes/group_timing.py`), at a
@@ -336,7 +342,9 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
     of percent), so its own prediction compares schedules under different loads. Here
     the split graphs of every trainer are timed together, runs interleaved (median of
     ``repeats`` runs on the example micro-batch, one thread), and every program set is
-    simulated with those times; the programs are the ones that ran.
+    simulated with those times; the programs are the ones that ran. ``contenders``
+    processes run the same graphs meanwhile (`BenchConfig.timing_contenders`): the ranks
+    of a local run compute side by side on one host, and each slows the other.
     """
     import dataclasses
 
@@ -347,7 +355,7 @@ def _shared_simulation(trainers: Mapping[str, Any], mb: Any, repeats: int = 3) -
     for tr in trainers.values():
         params, buffers = dict(tr.model.named_parameters()), dict(tr.model.named_buffers())
         runs.append((tr.partition.plan, tr.joint.flat_inputs(params, buffers, mb)))
-    timed = measure_group_times(runs, repeats=repeats)
+    timed = measure_group_times(runs, repeats=repeats, contenders=contenders)
     out = {}
     for (sched, tr), group_times in zip(trainers.items(), timed):
         part = dataclasses.replace(tr.partition, group_times=group_times)
@@ -426,9 +434,11 @@ def run_real(
         previous = trainers
         from .data import split_microbatches
 
-        shared = _shared_simulation(trainers, split_microbatches(batch, M)[0])
+        contenders = cfg.stages - 1 if cfg.timing_contenders is None else cfg.timing_contenders
+        shared = _shared_simulation(trainers, split_microbatches(batch, M)[0], contenders=contenders)
         if progress:
-            print(f"  [M={M}] simulated steps, groups timed together: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
+            beside = f" beside {contenders} contending process{'es' if contenders != 1 else ''}" if contenders else ""
+            print(f"  [M={M}] simulated steps, groups timed together{beside}: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
         names = cfg.runs
         times: Dict[str, List[float]] = {s: [] for s in names}
         runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in names}
@@ -541,6 +551,8 @@ def run_real(
                 "atoms_per_step": batch.num_atoms,
                 "edges_per_step": batch.num_edges,
                 "copy_cost": next(iter(trainers.values())).compiled.options.resolved_copy_cost().describe(),
+                # processes running the same graphs while the shared timing ran (`_shared_simulation`)
+                "timing_contenders": contenders,
                 "schedules": per,
                 "ratios": {
                     "wavek/1f1b": _ratio(thr.get("wavek"), thr.get("1f1b")),
@@ -953,13 +965,21 @@ def estimated_training_growth(trainer: Any, batch: Any, peaks: Optional[Sequence
     return [b + state for b in (replayed_peaks(trainer, batch) if peaks is None else peaks)]
 
 
+def _contenders_note(contenders: Optional[int]) -> str:
+    """How the shared timing ran, for a table's heading (runs before the option: alone)."""
+    if not contenders:
+        return "; groups timed alone"
+    return f"; groups timed beside {contenders} process{'es' if contenders != 1 else ''} running the same graphs"
+
+
 def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
     lines = []
     for e in entries:
         lines.append(
             f"**P={e['stages']}, M={e['microbatches']}** ({e['structures_per_step']} structures, "
             f"{e['atoms_per_step']} atoms, {e['edges_per_step']} edges per step; messages cost each rank "
-            f"{e.get('copy_cost', 'nothing')} in the simulator)\n"
+            f"{e.get('copy_cost', 'nothing')} in the simulator"
+            f"{_contenders_note(e.get('timing_contenders'))})\n"
         )
         lines.append(
             "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared timing (own) | sim error "
@@ -1193,6 +1213,7 @@ def config_from_args(args: Any) -> BenchConfig:
         count_cap=not args.no_count_cap,
         sim_memory_gb=args.sim_memory_gb,
         allocator_probe=not args.no_allocator_probe,
+        timing_contenders=args.timing_contenders,
         dump_dir=args.dump_dir,
     )
 
@@ -1256,6 +1277,11 @@ def add_bench_args(p: Any) -> None:
     p.add_argument(
         "--sim-memory-gb", type=float, default=80.0,
         help="memory of one simulated device (GB): the simulated wavek row may fill the share memory_cap_gb='auto' takes of it",
+    )
+    p.add_argument(
+        "--timing-contenders", type=int, default=None, metavar="N",
+        help="processes that run the same split graphs while the shared timing times them, as the other ranks "
+        "load the host beside each rank (default: P - 1; 0 times alone, as before)",
     )
     p.add_argument(
         "--no-allocator-probe", action="store_true",

@@ -7,23 +7,118 @@ the fit put the F and G groups at 1.5–2× and the GG and FB groups at 0.6–0.
 running the group's graph takes. WaveK balances the phases against each other, so the
 schedule is built on each group's own time: the group's ``GraphModule`` called on the
 example micro-batch, in dependency order, as `runtime.executor.RankExecutor` calls it.
+
+On a CPU host the P ranks of a local run share the memory system: the same group runs
+slower while another rank computes beside it (SchNet and PaiNN at 1008 atoms on two
+cores: 1.2-1.3x beside a loop streaming memory, a scatter-add alone 1.2x beside its
+twin). ``contenders`` times the groups while that many other processes run the same
+groups in a loop, as the other ranks of a local run would.
 """
 from __future__ import annotations
 
 import gc
+import logging
 import statistics
 import time
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .split import GroupKey, SplitPlan
 
+log = logging.getLogger(__name__)
+
+CONTENDER_START_TIMEOUT_S = 600.0
+
+
+Runs = Sequence[Tuple[SplitPlan, Sequence[Any]]]
+
+
+def _run_groups(
+    plan: SplitPlan, flat_inputs: Sequence[Any], cuda: bool = False,
+    record: Optional[Callable[[GroupKey, float], None]] = None, stop: Optional[Any] = None,
+) -> None:
+    """Run ``plan``'s group graphs once, in dependency order, as a rank's executor would;
+    ``record(key, seconds)`` gets each group's time. Returns early once ``stop`` is set."""
+    env: Dict[str, Any] = dict(zip(plan.input_names, flat_inputs))
+    for key in plan.order:
+        if stop is not None and stop.is_set():
+            break
+        group = plan.groups[key]
+        args = [env[name] for name in group.inputs]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = group.gm(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        env.update(zip(group.outputs, outs))
+        args = outs = None
+        if record is not None:
+            record(key, elapsed)
+    env.clear()
+
+
+def _contend(runs: Runs, ready: Any, stop: Any) -> None:
+    """A contender process: run every plan's groups in turn until ``stop`` is set, as a
+    rank of a local run would (one thread, the workers' malloc); ``ready`` once a whole
+    pass ran (allocator and caches warm)."""
+    from janus_compile.runtime.malloc_tuning import tune_malloc_for_tensors
+
+    torch.set_num_threads(1)
+    tune_malloc_for_tensors()
+    with torch.no_grad():
+        while not stop.is_set():
+            for plan, flat_inputs in runs:
+                _run_groups(plan, flat_inputs, stop=stop)
+            ready.set()
+
+
+def _start_contenders(runs: Runs, count: int) -> Tuple[list, Any]:
+    """Start ``count`` contender processes and wait until each ran a whole pass."""
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.get_context("spawn")
+    stop = ctx.Event()
+    procs = []
+    try:
+        for _ in range(count):
+            ready = ctx.Event()
+            proc = ctx.Process(target=_contend, args=(list(runs), ready, stop), daemon=True)
+            proc.start()
+            procs.append((proc, ready))
+        deadline = time.monotonic() + CONTENDER_START_TIMEOUT_S
+        for proc, ready in procs:
+            while not ready.wait(0.5):
+                if not proc.is_alive():
+                    raise RuntimeError(
+                        f"a contender process for group timing exited with code {proc.exitcode} before its first pass; "
+                        "time without contenders (contenders=0) or see its traceback above"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"contender processes did not finish a pass within {CONTENDER_START_TIMEOUT_S:.0f} s")
+    except BaseException:
+        _stop_contenders([p for p, _ in procs], stop)
+        raise
+    log.info("timing groups beside %d contender process(es)", count)
+    return [p for p, _ in procs], stop
+
+
+def _stop_contenders(procs: list, stop: Any) -> None:
+    stop.set()
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
 
 def measure_group_times(
-    runs: Sequence[Tuple[SplitPlan, Sequence[Any]]],
+    runs: Runs,
     device: Union[str, torch.device] = "cpu",
     repeats: int = 3,
+    contenders: int = 0,
 ) -> List[Dict[GroupKey, float]]:
     """Per (plan, flat inputs) pair, {(chunk, group): median seconds} of running each of
     the plan's group graphs once per repeat on those inputs (its joint graph's inputs for
@@ -33,11 +128,19 @@ def measure_group_times(
     change in machine load spreads over all of them: the bench compares schedules whose
     partitions differ on times taken in one sitting. A warm-up run comes first; the
     garbage collector is off while timing (a collection would land on a random group).
+    ``contenders`` (CPU only): that many spawned processes run the same groups in a loop
+    while the timing runs, as the other ranks of a local run share the host (module
+    docstring); they are stopped before this returns, on failure too.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if contenders < 0:
+        raise ValueError(f"contenders must be >= 0, got {contenders}")
     cuda = torch.device(device).type == "cuda"
+    if cuda and contenders:
+        raise ValueError("contenders apply to CPU timing (ranks sharing a host); on CUDA each rank has its own device: pass contenders=0")
     times_of: List[Dict[GroupKey, List[float]]] = [{key: [] for key in plan.order} for plan, _ in runs]
+    procs, stop = _start_contenders(runs, contenders) if contenders else ([], None)
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -45,23 +148,11 @@ def measure_group_times(
         with torch.no_grad():
             for r in range(repeats + 1):
                 for (plan, flat_inputs), times in zip(runs, times_of):
-                    env: Dict[str, Any] = dict(zip(plan.input_names, flat_inputs))
-                    for key in plan.order:
-                        group = plan.groups[key]
-                        args = [env[name] for name in group.inputs]
-                        if cuda:
-                            torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        outs = group.gm(*args)
-                        if cuda:
-                            torch.cuda.synchronize()
-                        elapsed = time.perf_counter() - t0
-                        env.update(zip(group.outputs, outs))
-                        args = outs = None
-                        if r > 0:  # the first run warms up the allocator and kernels
-                            times[key].append(elapsed)
-                    env.clear()
+                    # the first run warms up the allocator and kernels
+                    _run_groups(plan, flat_inputs, cuda, record=(lambda k, t, ts=times: ts[k].append(t)) if r > 0 else None)
     finally:
         if gc_was_enabled:
             gc.enable()
+        if procs:
+            _stop_contenders(procs, stop)
     return [{key: statistics.median(ts) for key, ts in times.items()} for times in times_of]

@@ -1,6 +1,7 @@
 """Shared test helpers: random labelled structures and exact comparisons with eager."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -77,4 +78,21 @@ class SlowGroup(torch.nn.Module):
 
     def forward(self, *args):
         time.sleep(self.delay)
+        return self.gm(*args)
+
+
+class PidLoggingGroup(torch.nn.Module):
+    """A split group graph that appends the calling process's id to ``path`` (picklable:
+    a spawned process imports it from this module); with ``fail_elsewhere`` it raises in
+    any process but ``owner``. Shows which processes ran a group."""
+
+    def __init__(self, gm, path: str, owner: int, fail_elsewhere: bool = False) -> None:
+        super().__init__()
+        self.gm, self.path, self.owner, self.fail_elsewhere = gm, path, owner, fail_elsewhere
+
+    def forward(self, *args):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if self.fail_elsewhere and os.getpid() != self.owner:
+            raise RuntimeError("this group fails outside its owner process")
         return self.gm(*args)

@@ -38,6 +38,8 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
     result = json.loads(out.read_text())
     (entry,) = result["real"]
     assert entry["stages"] == 2 and entry["microbatches"] == 2
+    # the shared timing ran beside P - 1 processes running the same graphs, as the ranks do
+    assert entry["timing_contenders"] == 1 and "groups timed beside 1 process running the same graphs" in text
     assert set(entry["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY, COUNT_CAP}
     # the plain wavek row is the trainer's default (a share of this host's memory), the
     # count-cap row holds P = 2 micro-batches in flight whatever the memory
@@ -171,6 +173,8 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(sim_ilp_time_s=-1)
     with pytest.raises(ValueError, match="sim_baseline_splits must be one of"):
         BenchConfig(sim_baseline_splits="all")
+    with pytest.raises(ValueError, match="timing_contenders must be >= 0"):
+        BenchConfig(timing_contenders=-1)
     # the simulation splits as the trainer does unless told otherwise
     assert BenchConfig().sim_ilp_time_s == JanusOptions().ilp_time_limit_s
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 
 import pytest
 import torch
 
 import janus_compile
-from conftest import SlowGroup, random_batch
+from conftest import PidLoggingGroup, SlowGroup, random_batch
 from janus_compile import EnergyForceLoss
 from janus_compile.models import build_model
 from janus_compile.passes.group_timing import measure_group_times
@@ -41,6 +43,44 @@ def test_every_group_is_timed_and_a_slow_one_shows():
     assert max(t for k, t in timed_even.items() if k != slow_key) < 0.05
     with pytest.raises(ValueError, match="repeats"):
         measure_group_times([(even.plan, flat)], repeats=0)
+
+
+def _logging_plan(part, path, **kw):
+    """``part``'s plan with every group logging which process ran it."""
+    groups = {k: dataclasses.replace(g, gm=PidLoggingGroup(g.gm, str(path), os.getpid(), **kw)) for k, g in part.plan.groups.items()}
+    return dataclasses.replace(part.plan, groups=groups)
+
+
+def test_contenders_run_the_same_groups_beside_the_timing_and_are_stopped(tmp_path):
+    """The ranks of a local run share the host: with contenders, other processes run the
+    same group graphs while the parent times them, and none outlives the call."""
+    model = _model()
+    joint, flat = _joint_and_inputs(model, random_batch(5, 3))
+    part = partition_graph(joint.gm, 2, 2, "even")
+    log_path = tmp_path / "pids.txt"
+    plan = _logging_plan(part, log_path)
+    alone = measure_group_times([(plan, flat)], repeats=2)[0]
+    assert set(log_path.read_text().split()) == {str(os.getpid())}
+    log_path.unlink()
+    beside = measure_group_times([(plan, flat)], repeats=2, contenders=2)[0]
+    pids = set(log_path.read_text().split())
+    assert str(os.getpid()) in pids and len(pids) == 3  # the parent and two contenders ran groups
+    assert set(beside) == set(alone) == set(part.plan.groups) and all(t > 0 for t in beside.values())
+    assert multiprocessing.active_children() == []
+    with pytest.raises(ValueError, match="contenders must be >= 0"):
+        measure_group_times([(plan, flat)], contenders=-1)
+    with pytest.raises(ValueError, match="contenders apply to CPU timing"):
+        measure_group_times([(plan, flat)], device="cuda", contenders=1)
+
+
+def test_a_failing_contender_is_reported_and_nothing_is_left_running(tmp_path):
+    model = _model()
+    joint, flat = _joint_and_inputs(model, random_batch(5, 3))
+    part = partition_graph(joint.gm, 2, 1, "even")
+    plan = _logging_plan(part, tmp_path / "pids.txt", fail_elsewhere=True)
+    with pytest.raises(RuntimeError, match="contender process for group timing exited with code 1"):
+        measure_group_times([(plan, flat)], repeats=1, contenders=1)
+    assert multiprocessing.active_children() == []
 
 
 def test_the_dag_costs_the_measured_groups_where_every_group_was_timed():
