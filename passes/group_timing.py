@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -60,7 +61,7 @@ def _run_groups(
     env.clear()
 
 
-def _contend(runs: Runs, ready: Any, stop: Any) -> None:
+def _contend(runs_blob: bytes, ready: Any, stop: Any) -> None:
     """A contender process: run every plan's groups in turn until ``stop`` is set, as a
     rank of a local run would (one thread, the workers' malloc); ``ready`` once a whole
     pass ran (allocator and caches warm)."""
@@ -68,6 +69,7 @@ def _contend(runs: Runs, ready: Any, stop: Any) -> None:
 
     torch.set_num_threads(1)
     tune_malloc_for_tensors()
+    runs = pickle.loads(runs_blob)
     with torch.no_grad():
         while not stop.is_set():
             for plan, flat_inputs in runs:
@@ -76,16 +78,20 @@ def _contend(runs: Runs, ready: Any, stop: Any) -> None:
 
 
 def _start_contenders(runs: Runs, count: int) -> Tuple[list, Any]:
-    """Start ``count`` contender processes and wait until each ran a whole pass."""
-    import torch.multiprocessing as tmp
+    """Start ``count`` contender processes and wait until each ran a whole pass. The runs
+    go to them pickled by value: handed over as process arguments, every tensor would
+    become a shared-memory segment (one file descriptor each, thousands for a bench's
+    trainers)."""
+    import multiprocessing
 
-    ctx = tmp.get_context("spawn")
+    ctx = multiprocessing.get_context("spawn")
+    runs_blob = pickle.dumps(list(runs), protocol=pickle.HIGHEST_PROTOCOL)
     stop = ctx.Event()
     procs = []
     try:
         for _ in range(count):
             ready = ctx.Event()
-            proc = ctx.Process(target=_contend, args=(list(runs), ready, stop), daemon=True)
+            proc = ctx.Process(target=_contend, args=(runs_blob, ready, stop), daemon=True)
             proc.start()
             procs.append((proc, ready))
         deadline = time.monotonic() + CONTENDER_START_TIMEOUT_S
