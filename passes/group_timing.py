@@ -9,9 +9,9 @@ schedule is built on each group's own time: the group's ``GraphModule`` called o
 example micro-batch, in dependency order, as `runtime.executor.RankExecutor` calls it.
 
 On a CPU host the P ranks of a local run share the memory system: the same group runs
-slower while another rank computes beside it (SchNet and PaiNN at 1008 atoms on two
-cores: 1.2-1.3x beside a loop streaming memory, a scatter-add alone 1.2x beside its
-twin). ``contenders`` times the groups while that many other processes run the same
+slower while another rank computes beside it (on two cores: PaiNN's split graphs at
+1008 atoms 1.22-1.34x beside a loop streaming memory, a scatter-add 1.21x beside its
+twin, a matmul 1.02x). ``contenders`` times the groups while that many other processes run the same
 groups in a loop, as the other ranks of a local run would.
 """
 from __future__ import annotations
