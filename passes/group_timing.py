@@ -11,8 +11,8 @@ example micro-batch, in dependency order, as `runtime.executor.RankExecutor` cal
 On a CPU host the P ranks of a local run share the memory system: the same group runs
 slower while another rank computes beside it (on two cores: PaiNN's split graphs at
 1008 atoms 1.22-1.34x beside a loop streaming memory, a scatter-add 1.21x beside its
-twin, a matmul 1.02x). ``contenders`` times the groups while that many other processes run the same
-groups in a loop, as the other ranks of a local run would.
+twin, a matmul 1.02x). ``contenders`` times the groups while that many other
+processes run the same groups in a loop, as the other ranks of a local run would.
 """
 from __future__ import annotations
 
