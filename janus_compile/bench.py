@@ -437,8 +437,7 @@ def run_real(
         contenders = cfg.stages - 1 if cfg.timing_contenders is None else cfg.timing_contenders
         shared = _shared_simulation(trainers, split_microbatches(batch, M)[0], contenders=contenders)
         if progress:
-            beside = f" beside {contenders} contending process{'es' if contenders != 1 else ''}" if contenders else ""
-            print(f"  [M={M}] simulated steps, groups timed together{beside}: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
+            print(f"  [M={M}] simulated steps, {_contenders_note(contenders)}: " + ", ".join(f"{s} {1e3 * v['makespan_s']:.2f} ms" for s, v in shared.items()), flush=True)
         names = cfg.runs
         times: Dict[str, List[float]] = {s: [] for s in names}
         runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in names}
@@ -966,10 +965,11 @@ def estimated_training_growth(trainer: Any, batch: Any, peaks: Optional[Sequence
 
 
 def _contenders_note(contenders: Optional[int]) -> str:
-    """How the shared timing ran, for a table's heading (runs before the option: alone)."""
+    """How the shared timing ran, for the progress line and a table's heading (entries
+    from before the option have none: timed alone)."""
     if not contenders:
-        return "; groups timed alone"
-    return f"; groups timed beside {contenders} process{'es' if contenders != 1 else ''} running the same graphs"
+        return "groups timed together, alone"
+    return f"groups timed together beside {contenders} process{'es' if contenders != 1 else ''} running the same graphs"
 
 
 def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
@@ -979,7 +979,7 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
             f"**P={e['stages']}, M={e['microbatches']}** ({e['structures_per_step']} structures, "
             f"{e['atoms_per_step']} atoms, {e['edges_per_step']} edges per step; messages cost each rank "
             f"{e.get('copy_cost', 'nothing')} in the simulator"
-            f"{_contenders_note(e.get('timing_contenders'))})\n"
+            f"; {_contenders_note(e.get('timing_contenders'))})\n"
         )
         lines.append(
             "| schedule | K | median step ms | min | max | structures/s | atoms/s | simulated ms, shared timing (own) | sim error "

@@ -24,6 +24,13 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
     written = []
     real_write = bench.write_json
     monkeypatch.setattr(bench, "write_json", lambda path, r: (written.append(json.loads(json.dumps(r, default=str))), real_write(path, r)))
+    from janus_compile.passes import group_timing
+
+    timed_with_contenders = []
+    real_timing = group_timing.measure_group_times
+    monkeypatch.setattr(
+        group_timing, "measure_group_times", lambda *a, **kw: (timed_with_contenders.append(kw.get("contenders", 0)), real_timing(*a, **kw))[1]
+    )
     args = [
         "bench", *TINY, "--stages", "2", "--microbatches", "2", "--repeats", "1", "--steps", "1",
         "--ilp-time-limit", "4", "--out", str(out), "--plots", str(tmp_path / "bench-charts"),
@@ -39,7 +46,8 @@ def test_bench_real_runs_end_to_end(tmp_path, capsys, monkeypatch):
     (entry,) = result["real"]
     assert entry["stages"] == 2 and entry["microbatches"] == 2
     # the shared timing ran beside P - 1 processes running the same graphs, as the ranks do
-    assert entry["timing_contenders"] == 1 and "groups timed beside 1 process running the same graphs" in text
+    assert entry["timing_contenders"] == 1 and "groups timed together beside 1 process running the same graphs" in text
+    assert 1 in timed_with_contenders  # and the timing itself was told so
     assert set(entry["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY, COUNT_CAP}
     # the plain wavek row is the trainer's default (a share of this host's memory), the
     # count-cap row holds P = 2 micro-batches in flight whatever the memory
