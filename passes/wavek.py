@@ -88,7 +88,9 @@ class PipelineDAG:
     a CPU rank loses to each message (a Send or Recv of one or more tensors) it sends or
     receives (gloo copies through loopback TCP on the ranks' own cores;
     `runtime.copy_probe` measures it), charged to the sender right after the send and to
-    the receiver on the receive; free on GPUs.
+    the receiver on the receive; free on GPUs. The two copies of one message overlap in
+    time (the receiver reads the socket while the sender writes it; `simulate`), so a
+    waiting receiver pays one copy on its critical path, not two.
     """
 
     stages: int
@@ -710,9 +712,10 @@ def hanayo(dag: PipelineDAG, max_in_flight: Optional[int] = None) -> Orders:
 def evaluate_orders(dag: PipelineDAG, orders: Orders) -> float:
     """Makespan of per-rank orders run as soon as possible: the timing model of `simulate`
     (one message per producer and destination, FIFO-serialised channels, copy costs on
-    both ranks) without building programs, so that a search can afford many candidates.
-    A message's receive is charged before its first consumer (programs may take it a
-    little earlier, behind older messages of the same channel)."""
+    both ranks, the two copies of a message overlapping) without building programs, so
+    that a search can afford many candidates. A message's receive is charged before its
+    first consumer (programs may take it a little earlier, behind older messages of the
+    same channel)."""
     return _run_orders(dag, orders)[0]
 
 
@@ -744,14 +747,15 @@ def _run_orders(dag: PipelineDAG, orders: Orders) -> Tuple[float, Dict[Tuple[Gro
                 t = order[pos[r]]
                 g, m = (t.chunk, t.phase), t.mb
                 ready = free[r]
-                copy_in = 0.0
+                incoming: List[Tuple[float, float]] = []  # (arrival, copy) of messages to receive now
                 for d in dag.deps[g]:
                     if rank_of[d] == r:
                         v = end.get((d, m))
                     else:
                         v = arrival.get((d, m, r))
                         if v is not None and (d, m, r) not in taken:
-                            copy_in += recv_copy[(d, r)]
+                            incoming.append((v, recv_copy[(d, r)]))
+                            continue
                     if v is None:
                         break
                     ready = v if v > ready else ready
@@ -759,13 +763,18 @@ def _run_orders(dag: PipelineDAG, orders: Orders) -> Tuple[float, Dict[Tuple[Gro
                     for d in dag.deps[g]:
                         if rank_of[d] != r:
                             taken.add((d, m, r))
-                    e = ready + copy_in + dag.cost[g]
+                    # `simulate`'s receive: the copy runs as the stream comes in
+                    done = free[r]
+                    for v, copy in sorted(incoming):
+                        done = max(done + copy, v)
+                    e = max(ready, done) + dag.cost[g]
                     end[(g, m)] = e
                     for dst, xfer, copy in dsts.get(g, ()):
-                        e += copy
                         go = max(e, chan_free[(r, dst)])
-                        chan_free[(r, dst)] = go + xfer
-                        arrival[(g, m, dst)] = go + xfer + lat
+                        e += copy
+                        stream = max(xfer, copy)
+                        chan_free[(r, dst)] = go + stream
+                        arrival[(g, m, dst)] = go + stream + lat
                     free[r] = e
                     pos[r] += 1
                     left -= 1
@@ -1357,9 +1366,13 @@ def _peak(events: Iterable[Tuple[float, float]]) -> float:
 
 
 def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
-    """Time the programs: compute from ``dag.cost``, a transfer takes latency + bytes /
-    bandwidth and starts when both the send is issued (after its copy cost on the sender)
-    and the channel is free; a receive waits for the arrival, then costs its copy."""
+    """Time the programs: compute from ``dag.cost``; a transfer starts when the send is
+    issued and the channel is free, and takes latency + the longer of bytes / bandwidth
+    and the sender's copy (`PipelineDAG.copy_cost`, charged to the sender's compute).
+    The receiver's copy runs as the bytes come in (a socket's two copies stream), so a
+    receive ends when both the receiver's copy, charged to its compute, and the stream
+    have ended: a waiting receiver pays latency + the longest of transfer, sender's copy
+    and its own copy, not their sum."""
     P = programs.stages
     acts = [p.actions for p in programs.programs]
     pc = [0] * P
@@ -1387,24 +1400,28 @@ def simulate(programs: ProgramSet, dag: PipelineDAG) -> SimResult:
                     nbytes = sum(dag.nbytes.get(n, 0.0) for n in a.tensors)
                     xfer = nbytes / dag.bandwidth_bytes_per_s if nbytes else 0.0
                     copy = dag.copy_time(a.tensors)
+                    go = max(clock[r], chan_free[(r, a.dst)])
                     if copy:
                         copies.append((r, clock[r], clock[r] + copy, a.tag))
                         clock[r] += copy
-                    go = max(clock[r], chan_free[(r, a.dst)])
-                    chan_free[(r, a.dst)] = go + xfer
-                    arr = go + xfer + dag.latency_s
+                    stream = max(xfer, copy)  # the sender's copy feeds the link as it goes
+                    chan_free[(r, a.dst)] = go + stream
+                    arr = go + stream + dag.latency_s
                     arrival[((a.chunk, a.phase), a.mb, a.dst)] = arr
-                    queues[(r, a.dst)].append(arr)
+                    queues[(r, a.dst)].append((go + dag.latency_s, stream))
                     transfers.append((r, a.dst, go, arr, a.tag))
                 elif isinstance(a, Recv):
                     q = queues[(a.src, r)]
                     if not q:
                         break
-                    clock[r] = max(clock[r], q.popleft())
+                    first_byte, stream = q.popleft()
                     copy = dag.copy_time(a.tensors)
+                    # the receiver copies while the sender writes: done when its own copy
+                    # is (charged to its compute) and the stream it reads has ended
+                    done = max(clock[r] + copy, first_byte + max(stream, copy))
                     if copy:
-                        copies.append((r, clock[r], clock[r] + copy, a.tag))
-                        clock[r] += copy
+                        copies.append((r, done - copy, done, a.tag))
+                    clock[r] = done
                     recv_done[((a.chunk, a.phase), a.mb, r)] = clock[r]
                 pc[r] += 1
                 progress = True

@@ -37,19 +37,41 @@ def _chain(
     return dataclasses.replace(dag, copy_cost=CopyCost(per_message, per_tensor, per_byte))
 
 
-def test_one_microbatch_pays_every_copy_on_its_critical_path():
-    """P = 2, K = 1, M = 1: the four phases cross ranks four times, one after the other, so
-    each crossing adds the link time and a copy on both sides."""
+def test_one_microbatch_pays_one_copy_per_crossing_on_its_critical_path():
+    """P = 2, K = 1, M = 1: the four phases cross ranks four times, one after the other.
+    The receiver waits each time, and reads the socket while the sender writes it, so a
+    crossing adds the latency and the longer of the link time and one copy; each rank is
+    still charged its own copy of every message (eight in all)."""
     a, pt, pb, b = 0.02, 0.005, 1e-8, 1e6
     dag = _chain(1, a, pb, b, pt)
     programs = build_programs(dag, gpipe(dag))
     res = simulate(programs, dag)
     compute = 2 * sum(PHASES.values())  # two chunks, each a rank's share of every phase
-    expected = compute + 4 * (1e-3 + b / 1e9) + 8 * (a + pt + pb * b)  # one tensor per message
+    copy = a + pt + pb * b  # one tensor per message
+    assert copy > b / 1e9  # the copy, not the link, is the longer
+    expected = compute + 4 * (1e-3 + copy)
     assert res.makespan == pytest.approx(expected, rel=1e-12)
     assert evaluate_orders(dag, gpipe(dag)) == pytest.approx(expected, rel=1e-12)
-    assert len(res.copies) == 8 and all(t1 - t0 == pytest.approx(a + pt + pb * b) for _, t0, t1, _ in res.copies)
+    assert len(res.copies) == 8 and all(t1 - t0 == pytest.approx(copy) for _, t0, t1, _ in res.copies)
     assert sum(res.busy) == pytest.approx(compute)  # busy stays compute only
+    # on a slower link the link is the longer: a crossing takes the link time, the copies hide in it
+    slow = dataclasses.replace(dag, bandwidth_bytes_per_s=b / (3 * copy))
+    assert simulate(build_programs(slow, gpipe(slow)), slow).makespan == pytest.approx(compute + 4 * (1e-3 + 3 * copy), rel=1e-12)
+
+
+def test_a_busy_receiver_pays_its_copy_in_compute():
+    """A message that arrives while its receiver computes is copied in by the receiver's
+    CPU all the same: the receiver starts its consumer one copy after it is free."""
+    copy = 0.02
+    dag = dataclasses.replace(_chain(2), copy_cost=CopyCost(copy))
+    dag = dataclasses.replace(dag, cost={g: 1.0 if g == (0, "F") else 10.0 if g == (1, "F") else t for g, t in dag.cost.items()})
+    res = simulate(build_programs(dag, gpipe(dag)), dag)
+    f1 = {t.mb: (t0, t1) for r, t0, t1, t in res.timeline if (t.chunk, t.phase) == (1, "F")}
+    # micro-batch 0: rank 1 waits; the crossing costs latency + one copy after chunk 0's F
+    assert f1[0][0] == pytest.approx(1.0 + 1e-3 + copy, rel=1e-12)
+    # micro-batch 1 arrived (at ~2 s) while rank 1 computed micro-batch 0 (until ~11 s)
+    assert f1[1][0] == pytest.approx(f1[0][1] + copy, rel=1e-12)
+    assert evaluate_orders(dag, gpipe(dag)) == pytest.approx(res.makespan, rel=1e-12)  # the search's model agrees
 
 
 def test_free_copies_change_nothing():
