@@ -508,7 +508,8 @@ class PipelineTrainer:
         if best is None:
             raise failures[-1]  # no K worked: the reason of the last one
         _, k, self.partition, self.dag, graphs, programs = best
-        if auto or like is not None or self.partition is not parts[k]:
+        retimed = any(a is not None for a in alternatives.values())  # every split timed again
+        if auto or like is not None or self.partition is not parts[k] or retimed:
             self.chunks = k
             self.compiled.repartition(example_mb, k, self.partition)  # the kept partition is the one in use
             self.compiled.write_partition_dump(example_mb)

@@ -145,6 +145,9 @@ def test_trainer_keeps_the_split_whose_schedule_simulates_faster(monkeypatch, tm
     report = json.loads((tmp_path / "partition.json").read_text())
     assert report["method"] == trainer.partition.method
     assert bool(report["rebalanced_from_rank_times_s"]) == info["kept"]
+    # the group times the schedule used (timed again with the alternative), not the first timing's
+    dumped = {(row["chunk"], row["group"]): row["seconds"] for row in report["group_times_s"]}
+    assert dumped == pytest.approx(trainer.partition.group_times)
 
 
 def test_rebalance_option_must_be_a_bool():
