@@ -111,6 +111,19 @@ def _start_contenders(runs: Runs, count: int) -> Tuple[list, Any]:
     return [p for p, _ in procs], stop
 
 
+def _check_contenders_alive(procs: list) -> None:
+    """Raise if a contender died while the groups were timed: the times would then have
+    been taken beside fewer processes than asked (and than the bench reports)."""
+    dead = [proc for proc in procs if not proc.is_alive()]
+    if dead:
+        codes = ", ".join(str(proc.exitcode) for proc in dead)
+        raise RuntimeError(
+            f"{len(dead)} of {len(procs)} contender process(es) for group timing exited (code {codes}) while the groups "
+            "were timed, so they were timed beside fewer processes than asked; see its traceback above, and time again "
+            "with fewer contenders or none (contenders=0, --timing-contenders 0)"
+        )
+
+
 def _stop_contenders(procs: list, stop: Any) -> None:
     stop.set()
     for proc in procs:
@@ -136,7 +149,8 @@ def measure_group_times(
     garbage collector is off while timing (a collection would land on a random group).
     ``contenders`` (CPU only): that many spawned processes run the same groups in a loop
     while the timing runs, as the other ranks of a local run share the host (module
-    docstring); they are stopped before this returns, on failure too.
+    docstring); they are stopped before this returns, on failure too, and one that died
+    before the timing ended raises (the times would not be what was asked for).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -156,6 +170,7 @@ def measure_group_times(
                 for (plan, flat_inputs), times in zip(runs, times_of):
                     # the first run warms up the allocator and kernels
                     _run_groups(plan, flat_inputs, cuda, record=(lambda k, t, ts=times: ts[k].append(t)) if r > 0 else None)
+        _check_contenders_alive(procs)
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -84,15 +84,23 @@ class SlowGroup(torch.nn.Module):
 class PidLoggingGroup(torch.nn.Module):
     """A split group graph that appends the calling process's id to ``path`` (picklable:
     a spawned process imports it from this module); with ``fail_elsewhere`` it raises in
-    any process but ``owner``. Shows which processes ran a group."""
+    any process but ``owner`` once it has run ``fail_after`` times there; ``owner_delay``
+    seconds are slept in ``owner``. Shows which processes ran a group."""
 
-    def __init__(self, gm, path: str, owner: int, fail_elsewhere: bool = False) -> None:
+    def __init__(
+        self, gm, path: str, owner: int, fail_elsewhere: bool = False, fail_after: int = 0, owner_delay: float = 0.0
+    ) -> None:
         super().__init__()
         self.gm, self.path, self.owner, self.fail_elsewhere = gm, path, owner, fail_elsewhere
+        self.fail_after, self.owner_delay, self.calls = fail_after, owner_delay, 0
 
     def forward(self, *args):
         with open(self.path, "a") as f:
             f.write(f"{os.getpid()}\n")
-        if self.fail_elsewhere and os.getpid() != self.owner:
-            raise RuntimeError("this group fails outside its owner process")
+        if os.getpid() == self.owner:
+            time.sleep(self.owner_delay)
+        elif self.fail_elsewhere:
+            self.calls += 1
+            if self.calls > self.fail_after:
+                raise RuntimeError("this group fails outside its owner process")
         return self.gm(*args)

@@ -74,11 +74,19 @@ def test_contenders_run_the_same_groups_beside_the_timing_and_are_stopped(tmp_pa
 
 
 def test_a_failing_contender_is_reported_and_nothing_is_left_running(tmp_path):
+    """A contender that dies before its first pass, or after it while the parent times (the
+    times would be taken beside fewer processes than asked), raises; none is left running."""
     model = _model()
     joint, flat = _joint_and_inputs(model, random_batch(5, 3))
     part = partition_graph(joint.gm, 2, 1, "even")
     plan = _logging_plan(part, tmp_path / "pids.txt", fail_elsewhere=True)
-    with pytest.raises(RuntimeError, match="contender process for group timing exited with code 1"):
+    with pytest.raises(RuntimeError, match="contender process for group timing exited with code 1 before its first pass"):
+        measure_group_times([(plan, flat)], repeats=1, contenders=1)
+    assert multiprocessing.active_children() == []
+    # every group runs once in the contender (its first pass) and fails on its second call,
+    # while the parent sleeps 0.2 s per group it times
+    plan = _logging_plan(part, tmp_path / "pids.txt", fail_elsewhere=True, fail_after=1, owner_delay=0.2)
+    with pytest.raises(RuntimeError, match="1 of 1 contender process.*exited \\(code 1\\) while the groups were timed"):
         measure_group_times([(plan, flat)], repeats=1, contenders=1)
     assert multiprocessing.active_children() == []
 
