@@ -14,9 +14,11 @@ import json
 import logging
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .arg_checks import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,21 @@ class GPBenchConfig:
     seed: int = 0
     json_path: Optional[str] = None
     rows: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("atoms", "steps", "layers", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name})")
+        if not self.graph_parallel or min(self.graph_parallel) < 1:
+            raise ValueError(f"graph_parallel sizes must be >= 1, got {list(self.graph_parallel)} (--graph-parallel, e.g. 1,2,4)")
+
+
+def parse_gp_sizes(text: str) -> Tuple[int, ...]:
+    """``--graph-parallel 1,2,4`` as a tuple of sizes."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--graph-parallel {text!r}: give comma-separated integers, e.g. 1,2,4") from None
 
 
 def _graph_bytes(joint, sizes: Dict[str, int]) -> Dict[str, float]:
@@ -127,9 +144,10 @@ def add_gp_bench_args(p) -> None:
 
 
 def main(args) -> int:
+    check_output_folder(args.json_path, "--json")
     cfg = GPBenchConfig(
         model=args.model, hidden=args.hidden, layers=args.layers, cutoff=args.cutoff, atoms=args.atoms,
-        graph_parallel=tuple(int(x) for x in args.graph_parallel.split(",")), steps=args.steps, dtype=args.dtype,
+        graph_parallel=parse_gp_sizes(args.graph_parallel), steps=args.steps, dtype=args.dtype,
         seed=args.seed, json_path=args.json_path,
     )
     rows = run_gp_bench(cfg)

@@ -1,4 +1,4 @@
-"""``januspipe`` command line: demo, train, inspect, bench, gp-bench, step-bench, calibrate."""
+"""``januspipe`` command line: demo, train, inspect, bench, plot, gp-bench, step-bench, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -29,8 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, model: str = "schnet") -> None:
     p.add_argument("--hidden", type=int, default=32, help="feature width (schnet, painn)")
     p.add_argument("--layers", type=int, default=3, help="interaction blocks")
     p.add_argument("--cutoff", type=float, default=4.5, help="neighbour cutoff in Å")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameters and data (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and data shuffling (default: %(default)s)")
     p.add_argument("--dump-dir", default=None, help="write graphs and summaries here (or set JANUSPIPE_DUMP)")
 
 
@@ -123,7 +123,11 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     from .data import read_extxyz
 
-    structures = read_extxyz(args.data, require_labels=True)
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume continues from a checkpoint: name it with --checkpoint FILE")
+    structures = read_extxyz(
+        args.data, require_labels=True, energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key
+    )
     return _train_and_report(args, structures)
 
 
@@ -178,15 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def training_args(p):
-        p.add_argument("--epochs", type=int, default=8)
-        p.add_argument("--batch-size", type=int, default=4, help="structures per batch")
-        p.add_argument("--lr", type=float, default=3e-3)
-        p.add_argument("--force-weight", type=float, default=10.0)
-        p.add_argument("--stress-weight", type=float, default=0.0)
+        p.add_argument("--epochs", type=int, default=8, help="passes over the data (default: %(default)s)")
+        p.add_argument("--batch-size", type=int, default=4, help="structures per batch (default: %(default)s)")
+        p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: %(default)s)")
+        p.add_argument("--force-weight", type=float, default=10.0, help="weight of the force term of the loss (default: %(default)s)")
+        p.add_argument("--stress-weight", type=float, default=0.0, help="weight of the stress term of the loss (default: %(default)s)")
         p.add_argument("--checkpoint", default=None, help="write an (atomic) checkpoint here after each epoch")
         p.add_argument("--stages", type=int, default=1, help="pipeline stages = local processes (1: single process)")
-        p.add_argument("--chunks", type=chunks_arg, default=1, help="chunks per stage (K), or auto: the faster of K = 1 and 2 in the simulator (wavek, gpipe)")
-        p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch and replica (M)")
+        p.add_argument("--chunks", type=chunks_arg, default=1, help="chunks per stage (K), or auto: the fastest of K = 1, 2 and 4 in the simulator, a larger K only if more than 3 %% faster (wavek, gpipe)")
+        p.add_argument("--microbatches", type=int, default=4, help="micro-batches per batch and replica (M; default: %(default)s)")
         p.add_argument("--data-parallel", type=int, default=1, help="data-parallel replicas (dp)")
         p.add_argument("--graph-parallel", type=int, default=1, help="ranks sharing every micro-batch's edges (gp)")
         p.add_argument("--schedule", default="wavek", choices=["wavek", "1f1b", "hanayo", "gpipe"])
@@ -196,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="pipeline-train a reference model on built-in EMT data (4 local processes, WaveK)")
     _add_model_args(demo)
     training_args(demo)
-    demo.add_argument("--structures", type=int, default=32)
+    demo.add_argument("--structures", type=int, default=32, help="EMT structures generated (default: %(default)s)")
     demo.set_defaults(stages=4, microbatches=4, batch_size=8, epochs=6, dtype="float64")
     demo.set_defaults(func=cmd_demo)
 
@@ -205,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tr)
     training_args(tr)
     tr.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    tr.add_argument("--energy-key", default="energy", help="name of the energy label in the file (e.g. REF_energy)")
+    tr.add_argument("--forces-key", default="forces", help="name of the per-atom force label (e.g. REF_forces)")
+    tr.add_argument("--stress-key", default="stress", help="name of the stress label (e.g. REF_stress)")
     tr.set_defaults(func=cmd_train)
 
     ins = sub.add_parser("inspect", help="capture a model and write every graph dump")

@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from .arg_checks import check_device, check_output_folder
+
 log = logging.getLogger(__name__)
 
 COSTS_VERSION = 1
@@ -46,8 +48,7 @@ class CalibrateConfig:
     whole_graph_repeats: int = 10
 
     def __post_init__(self) -> None:
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here: use --device cpu")
+        check_device(self.device)
         if self.repeats < 1 or self.whole_graph_repeats < 1:
             raise ValueError("repeats must be >= 1")
 
@@ -201,8 +202,11 @@ def add_calibrate_args(p: Any) -> None:
     from .bench import add_reference_model_args
 
     add_reference_model_args(p, hidden=32)  # the simulation's width (bench --hidden)
-    p.add_argument("--atoms", type=int, default=16, help="atoms per EMT structure (without --large)")
-    p.add_argument("--large", type=int, default=1000, metavar="N", help="use >= N-atom Cu supercells, as bench --large (0: EMT structures)")
+    p.add_argument("--atoms", type=int, default=None, help="atoms per EMT structure (default 16; only with --large 0)")
+    p.add_argument(
+        "--large", type=int, default=1000, metavar="N",
+        help="use >= N-atom Cu supercells, as bench --large (default 1000; 0: EMT structures of --atoms atoms)",
+    )
     p.add_argument("--mb-structures", type=int, default=None, help="structures per micro-batch (default as bench: 2; 1 with --large)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per node (median)")
@@ -210,9 +214,15 @@ def add_calibrate_args(p: Any) -> None:
 
 
 def main(args: Any) -> int:
+    if args.atoms is not None and args.large:
+        raise ValueError(
+            f"--atoms {args.atoms} sizes EMT structures, but --large {args.large} (the default) times >= {args.large}-atom "
+            "supercells: add --large 0 to time EMT structures, or drop --atoms"
+        )
+    check_output_folder(args.out, "--out")
     cfg = CalibrateConfig(
         models=args.models, hidden=args.hidden, layers=args.layers, cutoff=args.cutoff, dtype=args.dtype, seed=args.seed,
-        atoms=args.atoms, large=args.large or None, mb_structures=args.mb_structures, device=args.device, repeats=args.repeats,
+        atoms=16 if args.atoms is None else args.atoms, large=args.large or None, mb_structures=args.mb_structures, device=args.device, repeats=args.repeats,
     )
     result = calibrate_models(cfg)
     with open(args.out, "w") as f:

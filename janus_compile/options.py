@@ -118,8 +118,9 @@ class JanusOptions:
     def validate(self) -> None:
         for name in ("stages", "chunks", "microbatches", "data_parallel", "graph_parallel"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise OptionsError(f"option {name!r} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                hint = " (PipelineTrainer and --chunks also take 'auto', in lower case)" if name == "chunks" else ""
+                raise OptionsError(f"option {name!r} must be a positive integer{hint}, got {value!r}")
         if self.partition not in PARTITIONS:
             raise OptionsError(f"option 'partition' must be one of {PARTITIONS}, got {self.partition!r}")
         if self.partition == "unfolded" and self.chunks != 1:
@@ -130,8 +131,11 @@ class JanusOptions:
             raise OptionsError(f"option 'unit_order' must be one of {UNIT_ORDERS}, got {self.unit_order!r}")
         if self.transfer_charge not in TRANSFER_CHARGE_OPTIONS:
             raise OptionsError(f"option 'transfer_charge' must be one of {TRANSFER_CHARGE_OPTIONS}, got {self.transfer_charge!r}")
-        if not isinstance(self.rebalance, bool):
-            raise OptionsError(f"option 'rebalance' must be True or False, got {self.rebalance!r}")
+        for name in ("rebalance", "calibrate"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.ilp_time_limit_s, bool) or not isinstance(self.ilp_time_limit_s, (int, float)):
+            raise OptionsError(f"option 'ilp_time_limit_s' must be a number of seconds, got {self.ilp_time_limit_s!r}")
         if self.ilp_time_limit_s <= 0:
             raise OptionsError(f"option 'ilp_time_limit_s' must be positive, got {self.ilp_time_limit_s!r}")
         if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .arg_checks import check_device, check_output_folder
+
 log = logging.getLogger(__name__)
 
 VARIANTS = ("eager", "joint", "joint+inductor")
@@ -58,11 +60,12 @@ class StepBenchConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here: use --device cpu")
-        for name in ("steps", "structures", "layers"):
+        check_device(self.device)
+        for name in ("steps", "structures", "layers", "atoms", "hidden"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name})")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads} (--threads)")
         if self.warmup < 1:
             raise ValueError("warmup must be >= 1 (the first step compiles)")
 
@@ -278,6 +281,7 @@ def add_step_bench_args(p: Any) -> None:
 
 
 def main(args: Any) -> int:
+    check_output_folder(args.json_path, "--json")
     cfg = StepBenchConfig(
         models=args.models, hidden=args.hidden, layers=args.layers, cutoff=args.cutoff, atoms=args.atoms,
         structures=args.structures, dtype=args.dtype, device=args.device, steps=args.steps, warmup=args.warmup,

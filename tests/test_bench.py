@@ -183,6 +183,21 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(sim_baseline_splits="all")
     with pytest.raises(ValueError, match="timing_contenders must be >= 0"):
         BenchConfig(timing_contenders=-1)
+    with pytest.raises(ValueError, match="nothing to run: --no-real"):
+        BenchConfig(real=False, simulate=False)
+    sim_only = dict(real=False, simulate=True)
+    with pytest.raises(ValueError, match=r"sim_stages must be integers >= 2, got \[0\] \(--sim-stages\)"):
+        BenchConfig(sim_stages=[0], **sim_only)
+    with pytest.raises(ValueError, match=r"sim_factors must be integers >= 1, got \[4, 0\]"):
+        BenchConfig(sim_factors=[4, 0], **sim_only)
+    with pytest.raises(ValueError, match=r"sim_chunks must be integers >= 1, got \[\]"):
+        BenchConfig(sim_chunks=[], **sim_only)
+    with pytest.raises(ValueError, match="sim_models must name models from"):
+        BenchConfig(sim_models=["mace"], **sim_only)
+    with pytest.raises(ValueError, match="sim_bandwidth_gbs must be positive"):
+        BenchConfig(sim_bandwidth_gbs=0, **sim_only)
+    with pytest.raises(ValueError, match="sim_latency_us must be >= 0"):
+        BenchConfig(sim_latency_us=-1, **sim_only)
     # the simulation splits as the trainer does unless told otherwise
     assert BenchConfig().sim_ilp_time_s == JanusOptions().ilp_time_limit_s
 

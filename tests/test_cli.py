@@ -45,6 +45,52 @@ def test_missing_file_is_a_clear_error(tmp_path, capsys):
     assert "nope.extxyz" in capsys.readouterr().err
 
 
+def test_bad_command_lines_are_clear_errors_before_any_work(tmp_path, capsys):
+    """Each names the flag and the fix, as `januspipe: error: ...` (exit 2), not a traceback."""
+    garbage = tmp_path / "garbage.extxyz"
+    garbage.write_text("not an extxyz file\n")
+    missing_folder = str(tmp_path / "no" / "such" / "out.json")
+    cases = [
+        (["train", str(garbage)], "could not be read as extended XYZ"),
+        (["train", str(garbage), "--resume"], "--resume continues from a checkpoint: name it with --checkpoint"),
+        (["bench", "--no-real"], "nothing to run: --no-real"),
+        (["bench", "--no-real", "--simulate", "--sim-stages", "0"], r"sim_stages must be integers >= 2"),
+        (["bench", "--no-real", "--simulate", "--sim-bandwidth", "0"], "sim_bandwidth_gbs must be positive"),
+        (["calibrate", "--atoms", "4", "--out", str(tmp_path / "c.json")], "add --large 0"),
+        (["calibrate", "--device", "cpu", "--out", missing_folder], "--out .* does not exist; create it first"),
+        (["calibrate", "--device", "gpu", "--out", str(tmp_path / "c.json")], "'gpu' is not a torch device"),
+        (["step-bench", "--device", "cpu", "--atoms", "0"], r"atoms must be >= 1, got 0 \(--atoms\)"),
+        (["step-bench", "--device", "cpu", "--threads", "-1"], "threads must be >= 0"),
+        (["step-bench", "--device", "cpu", "--json", missing_folder], "--json .* create it first"),
+        (["gp-bench", "--graph-parallel", "a,b"], "comma-separated integers"),
+        (["gp-bench", "--atoms", "0"], r"atoms must be >= 1, got 0 \(--atoms\)"),
+        (["bench", "--out", missing_folder], "--out .* create it first"),
+    ]
+    import re
+
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("januspipe: error:") and re.search(message, err), (argv, err)
+
+
+def test_train_reads_labels_under_other_names(tmp_path, capsys):
+    """--energy-key/--forces-key: the missing-label error names them, and they work."""
+    import ase.io
+
+    structures = emt_dataset("cu", num_structures=4, seed=3, size=8, cache_dir=tmp_path)
+    for atoms in structures:
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+    data = tmp_path / "ref.extxyz"
+    ase.io.write(data, structures, format="extxyz")
+    assert main(["train", str(data), "--epochs", "1", *SMALL]) == 2
+    assert "--energy-key/--forces-key/--stress-key" in capsys.readouterr().err
+    keys = ["--energy-key", "REF_energy", "--forces-key", "REF_forces"]
+    assert main(["train", str(data), "--epochs", "1", *keys, *SMALL]) == 0
+
+
 def test_inspect_writes_dumps(tmp_path, capsys):
     assert main(["inspect", "--dump-dir", str(tmp_path), *SMALL[:4]]) == 0
     assert (tmp_path / "joint_graph.py").exists() and (tmp_path / "summary.json").exists()

@@ -145,6 +145,10 @@ def test_scripted_submodule_is_refused_with_the_fix():
         ({"link_gb_s": 0}, "link_gb_s.*positive number .* 'auto' .*25 on cpu, 25 on cuda"),
         ({"link_gb_s": "fast"}, "link_gb_s"),
         ({"link_gb_s": False}, "link_gb_s"),
+        ({"chunks": "Auto"}, "chunks' must be a positive integer .*'auto', in lower case"),
+        ({"stages": True}, "stages' must be a positive integer"),
+        ({"calibrate": "no"}, "'calibrate' must be True or False"),
+        ({"ilp_time_limit_s": "30"}, "'ilp_time_limit_s' must be a number of seconds, got '30'"),
     ],
 )
 def test_bad_options(options, match):

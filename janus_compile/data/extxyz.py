@@ -67,7 +67,14 @@ def read_extxyz(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"extxyz file {str(path)!r} does not exist (resolved: {path.resolve()})")
-    images = ase.io.read(path, index=index, format="extxyz")
+    try:
+        images = ase.io.read(path, index=index, format="extxyz")
+    except Exception as exc:  # ASE raises XYZError, ValueError, IndexError, ... on a malformed file
+        raise ValueError(
+            f"extxyz file {str(path)!r} could not be read as extended XYZ ({type(exc).__name__}: {exc}); "
+            "check that it is an extxyz file (an atom count line, a comment line with Lattice=/Properties=, "
+            "then one line per atom)"
+        ) from exc
     if isinstance(images, ase.Atoms):
         images = [images]
     images = list(images)
@@ -100,7 +107,8 @@ def read_extxyz(
                 f"{len(bad)} of {len(images)} structures in {str(path)!r} lack reference "
                 f"labels; structure {k} has no {lacking} (its info keys: {info_keys}, "
                 f"per-atom arrays: {array_keys}). If the labels are stored under other "
-                "names, pass energy_key=/forces_key=/stress_key= (e.g. 'REF_energy'); "
+                "names, pass energy_key=/forces_key=/stress_key= (e.g. 'REF_energy'; on the "
+                "command line --energy-key/--forces-key/--stress-key); "
                 "otherwise label the data first or read with require_labels=False"
             )
     log.info("read %d structures from %s", len(images), path)
