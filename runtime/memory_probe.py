@@ -13,6 +13,7 @@ lower.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional, Tuple
 
 import torch
@@ -31,6 +32,10 @@ def allocation_peak(fn: Callable[[], Any], device: Optional[torch.device] = None
         return out, int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto logs "USDT: profiler_start/stop" on every profile, read when the profiler first
+    # starts; a level above its USDT (5) keeps the bench's progress lines clean (a user's own
+    # setting wins)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     return out, _peak_of_events(prof)

@@ -1,6 +1,7 @@
 """The replayed peak memory (passes/memory.py) against tensors really alive in the executor."""
 from __future__ import annotations
 
+import os
 import weakref
 
 import pytest
@@ -169,6 +170,19 @@ def test_allocation_peak_counts_what_is_alive_at_the_worst_moment():
 
     _, peak = allocation_peak(step)
     assert 2_000_000 <= peak < 2_000_000 + 4096
+
+
+def test_allocation_peak_prints_no_profiler_log_lines():
+    """The probe runs in every bench worker: the profiler's own start/stop log lines
+    would be mixed into the progress lines."""
+    import subprocess
+    import sys
+
+    code = "import torch\nfrom janus_compile.runtime.memory_probe import allocation_peak\nallocation_peak(lambda: torch.ones(10) * 2)\n"
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "profiler_start" not in run.stdout + run.stderr
 
 
 @pytest.mark.distributed
