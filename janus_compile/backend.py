@@ -28,6 +28,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .errors import JanusError
 from .options import JanusOptions
 from .passes.fake_inputs import SizeGuards, new_fake_mode
+from .passes.index_add import index_put_to_index_add
 from .passes.tracing import LabelState, labelling, remove_autograd_detaches
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
@@ -109,6 +110,7 @@ class _VjpGraphs:
         with mode:
             traced = make_fx(vjp_graph, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*fakes, *fake_grads)
         remove_autograd_detaches(traced)
+        index_put_to_index_add(traced)
         guards = SizeGuards.from_trace(mode.shape_env, symbols)
         log.info("januspipe backend: traced explicit gradient graph (%d nodes)", len(traced.graph.nodes))
         return traced, guards

@@ -26,6 +26,7 @@ from ..errors import (
     ScriptedModuleError,
 )
 from .fake_inputs import FIELD_DIM, SizeGuards, annotate_named_shapes, batch_sizes, fake_input, new_fake_mode
+from .index_add import index_put_to_index_add
 from .labels import MODULE, PHASE
 from .tracing import (
     GRAD_ENABLED,
@@ -207,6 +208,7 @@ def capture_force_graph(
     link_backward_nodes(gm.graph, state)
     downstream_of_backward_is_backward(gm.graph)
     removed = remove_autograd_detaches(gm)
+    index_put_to_index_add(gm)  # the geometry's gradient: a sort-free scatter-add
     names = [f"param_{n}" for n in param_names] + [f"buffer_{n}" for n in buffer_names] + list(fields)
     _rename_placeholders(gm, names)
     guards = SizeGuards.from_trace(mode.shape_env, input_symbols)

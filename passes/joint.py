@@ -20,6 +20,7 @@ from ..data.batch import AtomsBatch, present_targets
 from ..errors import CaptureError, NoDoubleBackwardError
 from .capture import ForceGraph, _rename_placeholders, _translate_error, _user_frame
 from .fake_inputs import FIELD_DIM, SizeGuards, annotate_named_shapes, fake_input, new_fake_mode
+from .index_add import index_put_to_index_add
 from .labels import BACKWARD_OF, FORWARD_NODE, IS_LOSS, MODULE, PHASE
 from .tracing import LabelState, labelling, link_backward_nodes, remove_autograd_detaches
 
@@ -149,6 +150,7 @@ def build_joint_graph(
     link_backward_nodes(gm.graph, state)
     _finish_labels(gm.graph)
     remove_autograd_detaches(gm)
+    index_put_to_index_add(gm)  # gathers' backward (FB, GG): a sort-free scatter-add
     names = (
         [f"param_{n}" for n in fg.param_names]
         + [f"buffer_{n}" for n in fg.buffer_names]
