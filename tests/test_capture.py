@@ -183,6 +183,10 @@ def test_label_invariants(name):
         if node.meta[PHASE] != "F" and node.meta.get(FORWARD_NODE):
             assert node.meta[FORWARD_NODE] in by_name
             assert forward_root(jg.gm.graph, node) is not None, f"{node.name} does not fold onto an F node"
+    # Every gather's backward is a scatter-add (passes/index_add.py), in both graphs.
+    for gm in (fg.gm, jg.gm):
+        targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+        assert torch.ops.aten.index_put.default not in targets and torch.ops.aten.index_add.default in targets
     # Parameters and buffers are graph inputs, never constants.
     placeholders = {n.name for n in jg.gm.graph.nodes if n.op == "placeholder"}
     for pname, _ in model.named_parameters():
