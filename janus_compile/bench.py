@@ -981,6 +981,13 @@ def estimated_training_growth(trainer: Any, batch: Any, peaks: Optional[Sequence
     return [b + state for b in (replayed_peaks(trainer, batch) if peaks is None else peaks)]
 
 
+def worst_growth_ratio(growth: Optional[Sequence[float]], est: Optional[Sequence[float]]) -> Optional[float]:
+    """Measured training growth / replayed estimate of the same rank, the largest over
+    ranks (None without both)."""
+    ratios = [g / x for g, x in zip(growth or [], est or []) if x > 0]
+    return max(ratios) if ratios else None
+
+
 def _contenders_note(contenders: Optional[int]) -> str:
     """How the shared timing ran, for the progress line and a table's heading (entries
     from before the option have none: timed alone)."""
@@ -1011,8 +1018,7 @@ def markdown_real(entries: Sequence[Dict[str, Any]]) -> str:
             growth = r["measured_rss_growth_mb"]
             rss_txt = "n/a" if rss is None else f"{max(rss):.0f} (+{max(growth):.0f})"
             est = r.get("est_peak_growth_mb")
-            ratios = [g / x for g, x in zip(growth or [], est or []) if x > 0]  # per rank: the same rank's two
-            ratio = f"{max(ratios):.2f}" if ratios else "n/a"
+            ratio = _fmt(worst_growth_ratio(growth, est))
             lines.append(
                 f"| {s} | {r['chunks']} | {1e3 * st['median']:.1f} | {1e3 * st['min']:.1f} | {1e3 * st['max']:.1f} "
                 f"| {r['structures_per_s']:.1f} | {r['atoms_per_s']:.0f} | {1e3 * r['simulated_step_s']:.1f} ({1e3 * r['simulated_step_s_own']:.1f}) "

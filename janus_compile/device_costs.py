@@ -222,7 +222,7 @@ def main(args: Any) -> int:
     check_output_folder(args.out, "--out")
     cfg = CalibrateConfig(
         models=args.models, hidden=args.hidden, layers=args.layers, cutoff=args.cutoff, dtype=args.dtype, seed=args.seed,
-        atoms=16 if args.atoms is None else args.atoms, large=args.large or None, mb_structures=args.mb_structures, device=args.device, repeats=args.repeats,
+        atoms=CalibrateConfig.atoms if args.atoms is None else args.atoms, large=args.large or None, mb_structures=args.mb_structures, device=args.device, repeats=args.repeats,
     )
     result = calibrate_models(cfg)
     with open(args.out, "w") as f:

@@ -7,8 +7,10 @@ scatter-add ``zeros.index_add(0, idx, grad)``, the op the models' own message su
 and the two compute the same sums. On a GPU they differ in cost: an accumulating
 ``index_put`` sorts its indices first (deterministic by design), and on an NVIDIA H200
 the calibration timed it at 0.3-7.4 ms per node on a 1008-atom, 40k-edge micro-batch
-against 0.06 ms for an ``index_add`` of the same edges (docs/data/h200_costs.json). Those
-nodes are the geometry's gradient in G, the heaviest group of a pipeline's first chunk.
+against 0.06 ms for the models' own ``index_add`` message sums over the same edges
+(docs/data/h200_costs.json). In SchNet's force graph they are the geometry's gradient
+(edges onto atoms and onto the cell, atoms onto structures), in the heaviest groups of a
+pipeline's first chunks.
 
 Only the form that is the same op is rewritten: ``accumulate=True``, a single index that
 is a 1-D integer tensor (not a mask, not several), and values of exactly the shape
@@ -35,9 +37,7 @@ def _val(arg: object):
 
 def _same_size(a, b) -> bool:
     """Sizes known equal without adding a guard (symbolic sizes compare as expressions)."""
-    if len(a) != len(b):
-        return False
-    return all(x == y if isinstance(x, int) and isinstance(y, int) else statically_known_true(x == y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _is_scatter_add_along_rows(node: fx.Node) -> bool:

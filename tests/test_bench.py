@@ -168,6 +168,15 @@ def _svg_points(svg: str, tag: str) -> dict:
     return out
 
 
+def test_growth_ratio_compares_each_rank_with_itself():
+    """Rank 0 grew 20 MB on an estimate of 2 (10x); rank 1 grew 30 on 30: the largest
+    growth over the largest estimate (30 / 30 = 1.0) would hide rank 0."""
+    from janus_compile.bench import worst_growth_ratio
+
+    assert worst_growth_ratio([20.0, 30.0], [2.0, 30.0]) == 10.0
+    assert worst_growth_ratio(None, [1.0]) is None and worst_growth_ratio([1.0], [0.0]) is None
+
+
 def test_bench_config_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown schedule"):
         BenchConfig(schedules=["pipedream"])
