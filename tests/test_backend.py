@@ -68,6 +68,47 @@ def test_backend_resolves_by_name_without_import():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+def test_backend_resolves_by_name_from_a_source_checkout_without_entry_point():
+    """A checkout on sys.path has no entry point: importing the package registers it."""
+    code = (
+        "import importlib.metadata as md\n"
+        "md.entry_points = lambda **kw: md.EntryPoints(())\n"  # as if not installed
+        "import torch, janus_compile\n"
+        "from torch._dynamo.backends.registry import _COMPILER_FNS\n"
+        "assert 'januspipe' in _COMPILER_FNS, sorted(_COMPILER_FNS)\n"
+        "g = torch.compile(lambda x: (x * x).sum(), backend='januspipe')\n"
+        "x = torch.randn(3, requires_grad=True)\n"
+        "g(x).backward()\n"
+        "assert torch.allclose(x.grad, 2 * x)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_command_line_starts_without_dynamo_and_public_names_load_on_use():
+    """`januspipe --help` and argument errors should not wait for torch._dynamo."""
+    code = (
+        "import sys\n"
+        "import janus_compile, janus_compile.cli\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "assert 'janus_compile.compiled' not in sys.modules\n"
+        "from janus_compile import compile, JanusError, AtomsBatch, januspipe_backend\n"
+        "from janus_compile.compiled import compile as direct\n"
+        "assert compile is direct and callable(januspipe_backend)\n"
+        "assert set(janus_compile.__all__) <= set(dir(janus_compile))\n"
+        "try:\n"
+        "    janus_compile.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_backend_rejects_unknown_options():
     from janus_compile import OptionsError
 
