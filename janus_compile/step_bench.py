@@ -201,7 +201,8 @@ def _in_fresh_process(cfg: StepBenchConfig, model_name: str, variant: str) -> Di
     child.close()
     if not parent.poll(cfg.timeout_s):
         proc.kill()
-        raise RuntimeError(f"step-bench: {model_name} {variant} gave no result within {cfg.timeout_s:.0f} s")
+        proc.join()
+        raise RuntimeError(f"step-bench: {model_name} {variant} gave no result within {cfg.timeout_s:g} s")
     status, payload = parent.recv()
     proc.join()
     if status != "ok":
@@ -220,12 +221,22 @@ def _max_rel_diff(row: Dict[str, Any], ref: Dict[str, Any]) -> float:
 
 
 def run_step_bench(cfg: StepBenchConfig, progress: bool = True) -> List[Dict[str, Any]]:
+    """Every variant of every model; a variant that fails becomes a row with its ``error``
+    (the full traceback is logged) and the others still run, so one failure loses nothing."""
     rows: List[Dict[str, Any]] = []
     for name in cfg.models:
         ref = None
         for variant in cfg.variants:
             t0 = time.perf_counter()
-            row = _in_fresh_process(cfg, name, variant)
+            try:
+                row = _in_fresh_process(cfg, name, variant)
+            except RuntimeError as exc:
+                log.error("%s", exc)
+                summary = str(exc).split("\n", 1)[0]
+                rows.append({"model": name, "variant": variant, "error": summary, "wall_s": time.perf_counter() - t0})
+                if progress:
+                    print(f"  [{name}] {variant}: FAILED ({summary})", flush=True)
+                continue
             if variant == "eager":
                 ref = row
             row["max_rel_diff_vs_eager"] = None if ref is None else _max_rel_diff(row, ref)
@@ -245,15 +256,19 @@ def run_step_bench(cfg: StepBenchConfig, progress: bool = True) -> List[Dict[str
 
 
 def markdown(rows: Sequence[Dict[str, Any]], cfg: StepBenchConfig) -> str:
+    measured = [r for r in rows if "error" not in r]
     lines = [
-        f"device {cfg.device}, {cfg.dtype}, {rows[0]['atoms'] if rows else '?'} atoms per batch; "
+        f"device {cfg.device}, {cfg.dtype}, {measured[0]['atoms'] if measured else '?'} atoms per batch; "
         f"median of {cfg.steps} steps after {cfg.warmup} warm-up",
         "",
         "| model | variant | atoms | edges | median step (ms) | speed-up vs eager | peak memory (MiB) | vs eager | capture + first step (s) | max rel. diff vs eager |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    eager = {r["model"]: r for r in rows if r["variant"] == "eager"}
+    eager = {r["model"]: r for r in rows if r["variant"] == "eager" and "error" not in r}
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} |  |  |  |  |  |  |  |")
+            continue
         e = eager.get(r["model"])
         speed = f"{e['step_s_median'] / r['step_s_median']:.2f}x" if e else "n/a"
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
@@ -293,4 +308,8 @@ def main(args: Any) -> int:
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(asdict(cfg), f, indent=1, default=str)
+    failed = [f"{r['model']} {r['variant']}" for r in rows if "error" in r]
+    if failed:
+        log.error("step-bench: %d variant(s) failed: %s (tracebacks above)", len(failed), ", ".join(failed))
+        return 1
     return 0

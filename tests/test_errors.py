@@ -164,3 +164,19 @@ def test_torch_compile_path_refuses_distributed_options_with_the_alternative(opt
     compiled = torch.compile(model, backend="januspipe", options=options)
     with pytest.raises(Exception, match="PipelineTrainer"):
         compiled(random_batch(0, 2))
+
+
+def test_step_bench_reports_a_failed_variant_and_runs_the_next(caplog):
+    """A variant whose process gives no result is a row with its error, not an exception
+    that loses the rows measured so far; the next variant still runs."""
+    from janus_compile.step_bench import StepBenchConfig, markdown, run_step_bench
+
+    cfg = StepBenchConfig(models=["schnet"], hidden=8, layers=1, atoms=40, variants=["eager", "joint"], timeout_s=0.2)
+    with caplog.at_level("ERROR"):
+        rows = run_step_bench(cfg, progress=False)
+    assert [(r["variant"], r.get("error")) for r in rows] == [
+        ("eager", "step-bench: schnet eager gave no result within 0.2 s"),
+        ("joint", "step-bench: schnet joint gave no result within 0.2 s"),
+    ]
+    assert "| schnet | joint | failed: step-bench: schnet joint gave no result" in markdown(rows, cfg)
+    assert "schnet eager gave no result" in caplog.text
