@@ -19,6 +19,12 @@ def _model(name):
     return build_model(name, hidden=8, num_interactions=2, num_rbf=6, cutoff=3.5).double().train()
 
 
+def _run_python_prints_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (what it imports is its own) and expect 'ok'."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", ["schnet", "painn"])
 def test_dynamo_backend_matches_eager_and_does_not_recompile_per_size(name):
     import janus_compile.backend as backend
@@ -64,8 +70,7 @@ def test_backend_resolves_by_name_without_import():
         "import sys; assert 'janus_compile' in sys.modules\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _run_python_prints_ok(code)
 
 
 def test_backend_resolves_by_name_from_a_source_checkout_without_entry_point():
@@ -82,8 +87,7 @@ def test_backend_resolves_by_name_from_a_source_checkout_without_entry_point():
         "assert torch.allclose(x.grad, 2 * x)\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _run_python_prints_ok(code)
 
 
 def test_the_command_line_starts_without_dynamo_and_public_names_load_on_use():
@@ -105,8 +109,7 @@ def test_the_command_line_starts_without_dynamo_and_public_names_load_on_use():
         "    raise SystemExit('no AttributeError')\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _run_python_prints_ok(code)
 
 
 def test_backend_rejects_unknown_options():
