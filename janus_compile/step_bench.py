@@ -232,7 +232,7 @@ def run_step_bench(cfg: StepBenchConfig, progress: bool = True) -> List[Dict[str
                 row = _in_fresh_process(cfg, name, variant)
             except RuntimeError as exc:
                 log.error("%s", exc)
-                summary = str(exc).split("\n", 1)[0]
+                summary = str(exc).split("\n", 1)[0].replace("|", "/")  # one line, table-safe
                 rows.append({"model": name, "variant": variant, "error": summary, "wall_s": time.perf_counter() - t0})
                 if progress:
                     print(f"  [{name}] {variant}: FAILED ({summary})", flush=True)
