@@ -48,11 +48,12 @@ def __dir__() -> list:
     return sorted(set(globals()) | set(_LAZY_NAMES))
 
 
-def _entry_point_installed() -> bool:
+def entry_point_installed() -> bool:
+    """Whether torch can find the backend through this package's installed entry point."""
     return any(ep.name == "januspipe" for ep in entry_points(group="torch_dynamo_backends"))
 
 
-if not _entry_point_installed():
+if not entry_point_installed():
     # torch finds an installed backend through its entry point; a source checkout
     # on sys.path has none, so it registers here (importing torch._dynamo).
     from .backend import register as _register_backend

@@ -201,10 +201,9 @@ def register() -> None:
     ``torch_dynamo_backends`` entry point and registers it itself; registering here
     too would make torch's registry fail with a duplicate name.
     """
-    from importlib.metadata import entry_points
-
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
-    installed = any(ep.name == "januspipe" for ep in entry_points(group="torch_dynamo_backends"))
-    if not installed and "januspipe" not in _COMPILER_FNS:
+    from . import entry_point_installed
+
+    if not entry_point_installed() and "januspipe" not in _COMPILER_FNS:
         register_backend(name="januspipe")(januspipe_backend)
