@@ -18,12 +18,12 @@ P, K, BLOCKS, MICROBATCHES = 32, 2, 48, (32, 64, 128)
 COSTS = "docs/data/h200_costs.json"
 
 
-def split(sm, by_balance: bool):
+def split(cfg, sm, by_balance: bool):
     solve = symfold.solve_partition
     if by_balance:  # the cascade keeps a candidate when its busiest rank is faster
         symfold.solve_partition = lambda problem, **kw: dataclasses.replace(s := solve(problem, **kw), objective=max(s.rank_time))
     try:
-        return symfold.partition_graph(sm.joint.gm, P, K, "symfold", node_times=sm.node_times, sizes=sm.sizes, time_limit_s=30.0, bandwidth_bytes_per_s=25e9)
+        return symfold.partition_graph(sm.joint.gm, P, K, "symfold", node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s, bandwidth_bytes_per_s=cfg.sim_bandwidth_gbs * 1e9)
     finally:
         symfold.solve_partition = solve
 
@@ -33,12 +33,12 @@ if __name__ == "__main__":
     cfg = BenchConfig(model="painn", large=1000, real=False, simulate=True, sim_models=["painn"], sim_stages=[P], sim_costs=COSTS)
     costs = load_device_costs(COSTS)
     sm = _prepare_sim_model(cfg, "painn", BLOCKS, sim_microbatches(cfg), costs["models"]["painn"], costs["scales"]["painn"])
-    parts = {name: split(sm, name == "by balance") for name in ("trainer", "by balance")}
+    parts = {name: split(cfg, sm, name == "by balance") for name in ("trainer", "by balance")}
     for name, p in parts.items():
         print(f"{name}: max/mean rank time {p.imbalance():.3f}, transfers charged {p.problem.transfer_charge}", flush=True)
     for M in MICROBATCHES:
         for name, p in parts.items():
-            dag = PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=25e9, latency_s=20e-6)
+            dag = PipelineDAG.from_partition(p, M, bandwidth_bytes_per_s=cfg.sim_bandwidth_gbs * 1e9, latency_s=cfg.sim_latency_us * 1e-6)
             cells = []
             for s in ("wavek", "hanayo"):
                 sim = make_programs(dag, s, **({"memory_budget_bytes": 1e18} if s == "wavek" else {})).meta["simulated"]

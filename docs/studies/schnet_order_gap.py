@@ -12,8 +12,8 @@ preemptive problem, solved exactly by Jackson's rule (run the released task with
 longest delivery), bounds every schedule. The bench's bound releases every micro-batch
 of g at g's head. Here the k-th micro-batch to start g (k = 0, 1, ...) waits longer: the
 k + 1 micro-batches that started g all passed g's ancestors on each rank q first, which
-takes rank q at least (k + 1) × their work from the earliest of their heads, and then the
-shortest path from one of them to g. The same on the reversed DAG bounds the deliveries;
+takes rank q at least (k + 1) × their work from the earliest of their heads, and then,
+from the ancestor that finished last, its longest path to g (the least of these). The same on the reversed DAG bounds the deliveries;
 the larger of the two is kept. Messages' CPU cost is left out, as in the bench's bound.
 
     python docs/studies/schnet_order_gap.py
@@ -132,9 +132,9 @@ if __name__ == "__main__":
     rows = {r["microbatches"]: r for r in json.load(open(STUDY))["simulated"]["rows"] if r["model"] == "schnet"}
     sm = _prepare_sim_model(cfg, "schnet", BLOCKS, sim_microbatches(cfg), costs["models"]["schnet"], costs["scales"]["schnet"])
     for K in CHUNKS:
-        part = partition_graph(sm.joint.gm, P, K, "symfold", node_times=sm.node_times, sizes=sm.sizes, time_limit_s=30.0, bandwidth_bytes_per_s=25e9)
+        part = partition_graph(sm.joint.gm, P, K, "symfold", node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s, bandwidth_bytes_per_s=cfg.sim_bandwidth_gbs * 1e9)
         for M in MICROBATCHES:
-            dag = PipelineDAG.from_partition(part, M, bandwidth_bytes_per_s=25e9, latency_s=20e-6)
+            dag = PipelineDAG.from_partition(part, M, bandwidth_bytes_per_s=cfg.sim_bandwidth_gbs * 1e9, latency_s=cfg.sim_latency_us * 1e-6)
             ideal = dag.total_work() / dag.stages
             step = rows[M]["schedules"]["wavek"]["tried_makespan_s"][f"K={K}"]
             old, new = makespan_lower_bound(dag), tighter_bound(dag)
