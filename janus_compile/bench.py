@@ -759,7 +759,7 @@ def run_simulation(
     cfg: BenchConfig, progress: bool = True, on_rows: Optional[Callable[[Dict[str, Any]], None]] = None
 ) -> Dict[str, Any]:
     """Simulate every schedule on the calibrated real DAGs at every P and M of the grid.
-    ``on_rows`` gets the result so far after each model's P (a study of hours that is
+    ``on_rows`` gets the result so far after each simulated M (a study of hours that is
     stopped keeps what it simulated)."""
     from .passes.symfold import partition_graph
     from .passes.wavek import PipelineDAG
@@ -888,8 +888,8 @@ def run_simulation(
                         f"at 1F1B's memory: wavek/1f1b {_fmt(r['wavek@1f1b-mem/1f1b'])}",
                         flush=True,
                     )
-            if on_rows is not None:
-                on_rows(so_far())
+                if on_rows is not None:  # after every M: a P of hours stopped midway keeps its rows
+                    on_rows(so_far())
     return so_far()
 
 
@@ -1158,7 +1158,7 @@ def run_bench(
 ) -> Dict[str, Any]:
     """Everything the config asks for, as one JSON-ready dict. ``on_partial`` gets the
     result so far (marked ``"partial": True``) after each real M and each simulated
-    model's P."""
+    row (model, P, M)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # calibrate as the workers run: one thread each
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from janus_compile import bench
-from janus_compile.bench import COUNT_CAP, EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation
+from janus_compile.bench import COUNT_CAP, EQUAL_MEMORY, SCHEDULES, BenchConfig, markdown_sim, run_simulation, sim_averages
 from janus_compile.bench_plots import simulated_charts
 from janus_compile.cli import main
 from janus_compile.options import JanusOptions
@@ -112,8 +112,10 @@ def test_simulation_at_p4_gives_finite_ratios():
     so_far = []
     sim = run_simulation(cfg, progress=False, on_rows=so_far.append)
     assert [(r["stages"], r["microbatches"]) for r in sim["rows"]] == [(4, 4), (4, 8)]
-    # handed over after the P (a bench with --out writes it, marked partial)
-    assert len(so_far) == 1 and so_far[0]["rows"] == sim["rows"] and so_far[0]["averages"] == sim["averages"]
+    # handed over after every M (a bench with --out writes it, marked partial)
+    assert [len(x["rows"]) for x in so_far] == [1, 2]
+    assert so_far[-1]["rows"] == sim["rows"] and so_far[-1]["averages"] == sim["averages"]
+    assert so_far[0]["rows"] == sim["rows"][:1] and so_far[0]["averages"] == sim_averages(sim["rows"][:1])
     for r in sim["rows"]:
         assert set(r["schedules"]) == set(SCHEDULES) | {EQUAL_MEMORY, COUNT_CAP}, r["errors"]
         # the default fills an 80 GB device: it may hold more than P in flight, never fewer,
@@ -312,23 +314,24 @@ def test_simulated_wavek_keeps_k_by_the_trainers_margin(flop_priced_schnet):
         assert wavek["chunks"] == kept and wavek["makespan_s"] == {1: t1, 2: t2}[kept]
 
 
-def test_bench_simulation_writes_json_after_each_p(tmp_path, monkeypatch):
+def test_bench_simulation_writes_json_after_each_row(tmp_path, monkeypatch):
     """A study of hours keeps what it simulated: with --out the JSON is written after
-    every model's P (marked partial), then whole."""
+    every simulated row (model, P, M; marked partial), then whole."""
     out = tmp_path / "sim.json"
     written = []
     real_write = bench.write_json
     monkeypatch.setattr(bench, "write_json", lambda path, r: (written.append(json.loads(json.dumps(r, default=str))), real_write(path, r)))
     args = [
         "bench", *TINY, "--no-real", "--simulate", "--sim-models", "schnet", "--sim-stages", "2", "4",
-        "--sim-factors", "1", "--sim-chunks", "1", "--sim-ilp-time", "1", "--no-equal-memory", "--no-count-cap",
+        "--sim-factors", "1", "2", "--sim-chunks", "1", "--sim-ilp-time", "1", "--no-equal-memory", "--no-count-cap",
         "--sim-baseline-splits", "trainer", "--out", str(out),
     ]
     assert main(args) == 0
-    assert [w.get("partial", False) for w in written] == [True, True, False]
+    assert [w.get("partial", False) for w in written] == [True, True, True, True, False]
     assert written[-1]["config"]["sim_baseline_splits"] == "trainer"
     for row in written[-1]["simulated"]["rows"]:  # every schedule on the trainer's splits: none charged once made
         assert not [k for k in row["imbalance"] if k.endswith("charged once")]
         assert row["schedules"]["hanayo"]["transfer_charge"] == row["transfer_charge"][f"symfold K={row['schedules']['hanayo']['chunks']}"]
-    assert [[r["stages"] for r in w["simulated"]["rows"]] for w in written] == [[2], [2, 4], [2, 4]]
+    rows_written = [[(r["stages"], r["microbatches"]) for r in w["simulated"]["rows"]] for w in written]
+    assert rows_written == [[(2, 2)], [(2, 2), (2, 4)], [(2, 2), (2, 4), (4, 4)], [(2, 2), (2, 4), (4, 4), (4, 8)], [(2, 2), (2, 4), (4, 4), (4, 8)]]
     assert json.loads(out.read_text())["simulated"]["rows"] == written[-1]["simulated"]["rows"]
