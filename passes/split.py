@@ -116,7 +116,7 @@ def place_nodes(
 @dataclass
 class Group:
     key: GroupKey
-    gm: fx.GraphModule
+    gm: Optional[fx.GraphModule]  # None in a plan built to simulate only (`split_graph`)
     inputs: List[str]  # original node names read from outside the group
     outputs: List[str]  # original node names other groups (or the step's outputs) read
     nodes: List[str]
@@ -160,26 +160,30 @@ def _execution_order(keys: Sequence[GroupKey], chunks: int, layout: PhaseLayout)
     return order
 
 
-def _build_group(gm: fx.GraphModule, key: GroupKey, members: List[fx.Node], member_set: set) -> Group:
+def _build_group(gm: fx.GraphModule, key: GroupKey, members: List[fx.Node], member_set: set, build: bool = True) -> Group:
     graph = fx.Graph()
-    env: Dict[str, fx.Node] = {}
+    env: Dict[str, Any] = {}
     inputs: List[str] = []
 
-    def get(m: fx.Node) -> fx.Node:
+    def get(m: fx.Node) -> Any:
         if m.name in env:
             return env[m.name]
         if m.op == "get_attr" or (is_size_node(m) and m.name not in member_set):
-            new = graph.node_copy(m, get)  # recompute sizes / re-read constants locally
+            # recompute sizes / re-read constants locally
+            new = graph.node_copy(m, get) if build else [get(i) for i in m.all_input_nodes]
         else:
-            new = graph.placeholder(m.name)
-            new.meta = dict(m.meta)
+            new = graph.placeholder(m.name) if build else None
+            if build:
+                new.meta = dict(m.meta)
             inputs.append(m.name)
         env[m.name] = new
         return new
 
     for n in members:
-        env[n.name] = graph.node_copy(n, get)
+        env[n.name] = graph.node_copy(n, get) if build else [get(i) for i in n.all_input_nodes]
     outputs = [n.name for n in members if any(u not in member_set for u in n.users)]
+    if not build:
+        return Group(key, None, inputs, outputs, [n.name for n in members])
     graph.output(tuple(env[o] for o in outputs))
     graph.lint()
     return Group(key, fx.GraphModule(gm, graph), inputs, outputs, [n.name for n in members])
@@ -192,8 +196,11 @@ def split_graph(
     chunks: int,
     layout: PhaseLayout = FOLDED,
     chunk_override: Optional[Mapping[str, int]] = None,
+    build_modules: bool = True,
 ) -> SplitPlan:
-    """One GraphModule per (chunk, phase group) from a unit → chunk assignment."""
+    """One GraphModule per (chunk, phase group) from a unit → chunk assignment.
+    ``build_modules=False``: the groups' nodes, inputs and outputs only (``gm`` None), a
+    plan to simulate, not to run, at a fraction of the cost."""
     placement = place_nodes(gm.graph, units, chunk_of_unit, layout, chunk_override)
     members: Dict[GroupKey, List[fx.Node]] = {}
     for n in compute_nodes(gm.graph):
@@ -204,7 +211,7 @@ def split_graph(
     # Size nodes that the step's output reads directly are computed by the last group.
     groups: Dict[GroupKey, Group] = {}
     for key, ms in members.items():
-        groups[key] = _build_group(gm, key, ms, set(ms))
+        groups[key] = _build_group(gm, key, ms, set(ms), build_modules)
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     output_args = [a.name if isinstance(a, fx.Node) else a for a in output_node.args[0]]
     for a in output_node.args[0]:

@@ -238,19 +238,20 @@ def _linear_cuts(costs: Sequence[float], pieces: int) -> List[int]:
     return piece
 
 
-def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem, stages: int) -> Tuple[Dict[str, int], float]:
-    """Stage of every node under the unfolded 1F1B partition, and the slowest stage's
-    seconds per micro-batch."""
+def unfolded_chain(units: Units, problem: PartitionProblem) -> Tuple[List[Tuple[str, int]], List[float]]:
+    """The unfolded chain F_1..F_L, G_L..G_1 as (half, unit) items, and each item's
+    seconds (F+FB for an F item, G+GG for a G item)."""
     L = len(units.names)
     chain = [("F", u) for u in range(L)] + [("G", u) for u in reversed(range(L))]
     cost = []
     for half, u in chain:
         c = problem.units[u].cost
         cost.append(c.get("F", 0) + c.get("FB", 0) if half == "F" else c.get("G", 0) + c.get("GG", 0))
-    piece = _linear_cuts(cost, stages)
-    stage_time = [0.0] * stages
-    for k, c in enumerate(cost):
-        stage_time[piece[k]] += c
+    return chain, cost
+
+
+def unfolded_stage_of_nodes(graph: fx.Graph, units: Units, chain: Sequence[Tuple[str, int]], piece: Sequence[int]) -> Dict[str, int]:
+    """Stage of every unit node when chain item k sits on stage ``piece[k]``."""
     stage_of = {item: piece[k] for k, item in enumerate(chain)}
     override = {}
     for n in compute_nodes(graph):
@@ -259,7 +260,18 @@ def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem,
             continue
         half = "F" if n.meta[PHASE] in ("F", "FB") else "G"
         override[n.name] = stage_of[(half, u)]
-    return override, max(stage_time)
+    return override
+
+
+def _unfolded_override(graph: fx.Graph, units: Units, problem: PartitionProblem, stages: int) -> Tuple[Dict[str, int], float]:
+    """Stage of every node under the unfolded 1F1B partition, and the slowest stage's
+    seconds per micro-batch."""
+    chain, cost = unfolded_chain(units, problem)
+    piece = _linear_cuts(cost, stages)
+    stage_time = [0.0] * stages
+    for k, c in enumerate(cost):
+        stage_time[piece[k]] += c
+    return unfolded_stage_of_nodes(graph, units, chain, piece), max(stage_time)
 
 
 def _busiest_link_seconds(plan: SplitPlan, out_bytes: Mapping[str, float], bandwidth_bytes_per_s: float) -> float:
@@ -334,6 +346,7 @@ def partition_graph(
     lp_path: Optional[str] = None,
     replicate: str = "auto",
     order: str = "auto",
+    search_cuts: bool = True,
     **ilp_options,
 ) -> Partition:
     """Cut a joint graph into ``stages × chunks`` chunks by ``method`` and split it.
@@ -346,6 +359,8 @@ def partition_graph(
     ``order`` (``symfold``): ``chain`` keeps chunks contiguous runs of the topological unit
     order, ``dag`` lets any unit sit on any chunk its data flow allows, ``auto`` solves
     the chain and relaxes it to the data flow only when the balance target is missed.
+    ``search_cuts`` (``unfolded``): move the DP's cuts to where 1F1B's simulated step is
+    shortest, within the ILP's time limit (`passes/unfolded_cuts.py`); False keeps them.
     """
     if order not in UNIT_ORDERS:
         raise PartitionError(f"unknown unit order {order!r}; choose one of {UNIT_ORDERS}")
@@ -454,5 +469,9 @@ def partition_graph(
         method, stages, chunks if method != "unfolded" else 1, units, plan, problem, dict(node_times), out_bytes, param_bytes,
         solution, chunk_of_unit, replicas,
     )
+    if method == "unfolded" and search_cuts:
+        from .unfolded_cuts import refine_unfolded_cuts
+
+        part = refine_unfolded_cuts(gm, part, problem.time_limit_s)
     log.info("%s partition: P=%d K=%d, max/mean rank time %.3f", method, stages, part.chunks, part.imbalance())
     return part
