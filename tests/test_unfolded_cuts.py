@@ -2,6 +2,7 @@
 finds faster cuts where transfers matter, and its splits stay exact."""
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -47,15 +48,18 @@ def test_search_shortens_1f1b_where_transfers_matter_and_stays_exact(name, stage
     assert_plan_exact(name, searched, f"unfolded P={stages}, cuts searched")
 
 
-def test_search_keeps_the_dp_cuts_when_links_are_free_and_respects_its_budget():
+def test_search_keeps_the_dp_cuts_when_links_are_free_and_respects_its_budget(caplog):
     gm = setup("schnet")[1].gm
     dp = partition_graph(gm, 3, 1, "unfolded", time_limit_s=10, bandwidth_bytes_per_s=1e14, search_cuts=False)
     fast_links = partition_graph(gm, 3, 1, "unfolded", time_limit_s=10, bandwidth_bytes_per_s=1e14)
     assert _step(fast_links, 1e14) <= _step(dp, 1e14) * (1 + 1e-12)
+    assert "stopped at its" not in caplog.text
     t0 = time.perf_counter()
-    tiny = partition_graph(gm, 4, 1, "unfolded", time_limit_s=0.01, bandwidth_bytes_per_s=1e9)
+    with caplog.at_level(logging.WARNING, logger="janus_compile.passes.unfolded_cuts"):
+        tiny = partition_graph(gm, 4, 1, "unfolded", time_limit_s=1e-6, bandwidth_bytes_per_s=1e9)
     assert time.perf_counter() - t0 < 30
-    dp4 = partition_graph(gm, 4, 1, "unfolded", time_limit_s=0.01, bandwidth_bytes_per_s=1e9, search_cuts=False)
+    assert "stopped at its" in caplog.text  # a search cut short says so
+    dp4 = partition_graph(gm, 4, 1, "unfolded", time_limit_s=1e-6, bandwidth_bytes_per_s=1e9, search_cuts=False)
     assert _step(tiny, 1e9) <= _step(dp4, 1e9) * (1 + 1e-12)
 
 

@@ -9,7 +9,8 @@ graph and costs are the ones the bench used. `wavek@1f1b-mem` (WaveK under 1F1B'
 memory) is not redone: its budget would change with the split.
 
     python docs/studies/one_f_one_b_cuts.py docs/data/sim_h200_b11_p4_16.json --out b12.json
-    python docs/studies/one_f_one_b_cuts.py docs/data/sim32_h200_b10.json --models schnet --out b12_32.json
+    python docs/studies/one_f_one_b_cuts.py docs/data/sim32_h200_b10.json --out b12_32.json
+    python docs/studies/one_f_one_b_cuts.py docs/data/sim32_h200_b10.json --ilp-time 150 --out b12_32_long.json
 """
 import argparse
 import json
@@ -35,11 +36,16 @@ def main():
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--stages", nargs="*", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--ilp-time", type=float, default=None,
+        help="the ILP time limit the split is given (default: the JSON's); the unfolded split solves no ILP, so this sets only the cut search's budget (4 limits)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("janus_compile.passes.unfolded_cuts").setLevel(logging.INFO)
     src = json.load(open(args.bench_json))
     cfg = BenchConfig(**src["config"])
+    ilp_time = args.ilp_time or cfg.sim_ilp_time_s
     costs_file = src["simulated"]["costs"]["file"]
     if not os.path.exists(costs_file):  # the JSON names the file where it ran
         costs_file = os.path.join("docs", "data", os.path.basename(costs_file))
@@ -52,7 +58,7 @@ def main():
     for (model, P, layers), rows in groups.items():
         t0 = time.perf_counter()
         sm = _prepare_sim_model(cfg, model, layers, sim_microbatches(cfg), costs["models"][model], costs["scales"][model])
-        split = dict(node_times=sm.node_times, sizes=sm.sizes, time_limit_s=cfg.sim_ilp_time_s, bandwidth_bytes_per_s=cfg.sim_bandwidth_gbs * 1e9)
+        split = dict(node_times=sm.node_times, sizes=sm.sizes, time_limit_s=ilp_time, bandwidth_bytes_per_s=cfg.sim_bandwidth_gbs * 1e9)
         dp = partition_graph(sm.joint.gm, P, 1, "unfolded", search_cuts=False, **split)
         t1 = time.perf_counter()
         searched = partition_graph(sm.joint.gm, P, 1, "unfolded", **split)
