@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SEARCH_RADIUS = 3
 """Chain items a cut may move per try. PaiNN at P = 4: the best of all cuts within 3
-items of the DP's was 30 % faster than the DP's own."""
+items of the DP's gave a 30 % shorter step than the DP's own."""
 
 SCORE_MICROBATCHES_PER_STAGE = 2
 """Cuts are scored at M = 2P, the middle of the M = P…4P the bench runs: the partitioner
@@ -40,8 +40,9 @@ does not know M, and the best cuts at M = P, 2P, 4P were within 3 items of each 
 BUDGET_ILP_LIMITS = 20
 """The search's wall-time budget in ILP time limits (10 minutes at the default 30 s); it
 stops sooner when no move helps. A round tries every cut: at P = 32 ~200 cut sets of
-0.8 s each (SchNet, 64 blocks). PaiNN at P = 32 (48 blocks) converged in 523 s, 1F1B
-19–35 % faster; stopped at 120 s it had reached 4 %. At P ≤ 16 it converged in 3–160 s."""
+0.8 s each (SchNet, 64 blocks). PaiNN at P = 32 (48 blocks) converged in 523 s, 1F1B's
+step 19–35 % shorter; stopped at 120 s it had reached 4 %. It scores with the links'
+bandwidth and latency, not a CPU rank's copy cost (`copy_cost`)."""
 
 
 def cuts_of(piece: Sequence[int]) -> List[int]:
