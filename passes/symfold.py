@@ -360,7 +360,8 @@ def partition_graph(
     order, ``dag`` lets any unit sit on any chunk its data flow allows, ``auto`` solves
     the chain and relaxes it to the data flow only when the balance target is missed.
     ``search_cuts`` (``unfolded``): move the DP's cuts to where 1F1B's simulated step is
-    shortest, within the ILP's time limit (`passes/unfolded_cuts.py`); False keeps them.
+    shortest, within `unfolded_cuts.BUDGET_ILP_LIMITS` ILP time limits
+    (`passes/unfolded_cuts.py`); False keeps them.
     """
     if order not in UNIT_ORDERS:
         raise PartitionError(f"unknown unit order {order!r}; choose one of {UNIT_ORDERS}")

@@ -10,7 +10,6 @@ memory) is not redone: its budget would change with the split.
 
     python docs/studies/one_f_one_b_cuts.py docs/data/sim_h200_b11_p4_16.json --out b12.json
     python docs/studies/one_f_one_b_cuts.py docs/data/sim32_h200_b10.json --out b12_32.json
-    python docs/studies/one_f_one_b_cuts.py docs/data/sim32_h200_b10.json --ilp-time 150 --out b12_32_long.json
 """
 import argparse
 import json
@@ -38,7 +37,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--ilp-time", type=float, default=None,
-        help="the ILP time limit the split is given (default: the JSON's); the unfolded split solves no ILP, so this sets only the cut search's budget (4 limits)",
+        help="the ILP time limit the split is given (default: the JSON's); the unfolded split solves no ILP, so this sets only the cut search's budget (unfolded_cuts.BUDGET_ILP_LIMITS limits)",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
