@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 
@@ -336,6 +336,34 @@ def _unfolded_split(
     return best[1], best[2], best[3]
 
 
+def folded_plan(
+    gm: fx.GraphModule,
+    units: Units,
+    chunk_of_unit: Sequence[int],
+    chunks: int,
+    replicated: Set[str],
+    node_times: Mapping[str, float],
+    out_bytes: Mapping[str, float],
+    build_modules: bool = True,
+) -> Tuple[SplitPlan, Dict[str, float], Dict[str, float], Dict[str, List[int]]]:
+    """The folded split of ``gm`` for a unit -> chunk assignment, ``replicated`` values
+    computed again on every chunk that reads them (`passes/replicate.py`). Returns the
+    plan, the node times and output sizes with the copies priced as their originals, and
+    original -> chunks holding a copy. ``build_modules=False``: a plan to simulate only."""
+    node_times, out_bytes = dict(node_times), dict(out_bytes)
+    replicas: Dict[str, List[int]] = {}
+    pinned = None
+    if replicated and chunks > 1:
+        chunk_of = place_nodes(gm.graph, units, chunk_of_unit, FOLDED).chunk
+        gm, pinned, original = replicate_on_readers(gm, replicated, chunk_of)
+        node_times.update({c: node_times.get(o, 0.0) for c, o in original.items()})
+        out_bytes.update({c: out_bytes.get(o, 0.0) for c, o in original.items()})
+        for copy, orig in original.items():
+            replicas.setdefault(orig, []).append(pinned[copy])
+    plan = split_graph(gm, units, chunk_of_unit, chunks, FOLDED, chunk_override=pinned, build_modules=build_modules)
+    return plan, node_times, out_bytes, replicas
+
+
 def partition_graph(
     gm: fx.GraphModule,
     stages: int,
@@ -455,15 +483,7 @@ def partition_graph(
         chunk_of_unit = solution.chunk_of_unit
     replicas: Dict[str, List[int]] = {}
     if method != "unfolded":
-        pinned = None
-        if replicated and V > 1:
-            chunk_of = place_nodes(graph, units, chunk_of_unit, FOLDED).chunk
-            gm, pinned, original = replicate_on_readers(gm, replicated, chunk_of)
-            node_times = {**node_times, **{c: node_times.get(o, 0.0) for c, o in original.items()}}
-            out_bytes = {**out_bytes, **{c: out_bytes.get(o, 0.0) for c, o in original.items()}}
-            for copy, orig in original.items():
-                replicas.setdefault(orig, []).append(pinned[copy])
-        plan = split_graph(gm, units, chunk_of_unit, V, FOLDED, chunk_override=pinned)
+        plan, node_times, out_bytes, replicas = folded_plan(gm, units, chunk_of_unit, V, replicated, node_times, out_bytes)
     else:
         units, problem, plan = _unfolded_split(gm, units, problem, node_times, out_bytes, param_bytes, stages, ilp_options)
     part = Partition(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 
@@ -60,6 +60,38 @@ def piece_of(cuts: Sequence[int], items: int) -> List[int]:
     return piece
 
 
+def descend_cuts(
+    score: Callable[[Tuple[int, ...]], float], start: Tuple[int, ...], items: int, budget_s: float, radius: int = SEARCH_RADIUS,
+) -> Tuple[Tuple[int, ...], bool]:
+    """Coordinate descent over cut positions in a chain of ``items``: each cut in turn
+    moved by up to ``radius`` items, the move with the lowest ``score`` kept, rounds until
+    none helps or ``budget_s`` seconds are spent. ``score`` should memoise: a round
+    scores the cut sets of the last again. Returns the best cuts and whether the budget
+    ran out first."""
+    best, best_score = start, score(start)
+    deadline = time.perf_counter() + budget_s
+    improved, out_of_time = True, False
+    while improved and not out_of_time:
+        improved = False
+        for i in range(len(best)):
+            lo = best[i - 1] + 1 if i > 0 else 1
+            hi = best[i + 1] - 1 if i + 1 < len(best) else items - 1
+            tried: Dict[Tuple[int, ...], float] = {}
+            for c in range(max(lo, best[i] - radius), min(hi, best[i] + radius) + 1):
+                if time.perf_counter() >= deadline:
+                    out_of_time = True
+                    break
+                cand = best[:i] + (c,) + best[i + 1 :]
+                tried[cand] = score(cand)
+            if tried:
+                winner = min(tried, key=tried.__getitem__)
+                if tried[winner] < best_score * (1 - 1e-9):
+                    best, best_score, improved = winner, tried[winner], True
+            if out_of_time:
+                break
+    return best, out_of_time
+
+
 def refine_unfolded_cuts(
     gm: fx.GraphModule, partition: Any, time_limit_s: float, radius: int = SEARCH_RADIUS, latency_s: float = DEFAULT_LATENCY,
 ) -> Any:
@@ -89,27 +121,9 @@ def refine_unfolded_cuts(
         return scored[cuts]
 
     start = tuple(cuts_of(_linear_cuts(cost, stages)))
-    best = start
     first = score(start, partition)
     budget = BUDGET_ILP_LIMITS * time_limit_s
-    deadline = time.perf_counter() + budget
-    improved, out_of_time = True, False
-    while improved and not out_of_time:
-        improved = False
-        for i in range(len(best)):
-            lo = best[i - 1] + 1 if i > 0 else 1
-            hi = best[i + 1] - 1 if i + 1 < len(best) else n - 1
-            candidates = [best[:i] + (c,) + best[i + 1 :] for c in range(max(lo, best[i] - radius), min(hi, best[i] + radius) + 1)]
-            for cand in candidates:
-                if time.perf_counter() >= deadline:
-                    out_of_time = True
-                    break
-                score(cand)
-            winner = min((c for c in candidates if c in scored), key=lambda c: scored[c])
-            if scored[winner] < scored[best] * (1 - 1e-9):
-                best, improved = winner, True
-            if out_of_time:
-                break
+    best, out_of_time = descend_cuts(score, start, n, budget, radius)
     if out_of_time:
         log.warning("1F1B cut search stopped at its %.0f s budget before it converged; a larger ILP time limit gives it more", budget)
     log.info(

@@ -1,6 +1,8 @@
 """Geometry replication: data-only forward values recomputed on the chunks that read them."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_rel_close, random_batch
@@ -93,3 +95,30 @@ def test_replicated_pipeline_gradients_equal_eager():
     assert_rel_close(torch.tensor(out.loss, dtype=torch.float64), ref_loss, 1e-10, "loss")
     for name, g in ref_grads.items():
         assert_rel_close(out.grads[name], g, 1e-10, f"replicated grad {name}")
+
+
+def test_folded_plan_with_moved_boundaries_replicates_again_and_stays_exact():
+    """`folded_plan` rebuilds a folded split for another unit -> chunk assignment (the
+    chunk-boundary study moves them): the replicated values are copied for the new
+    readers, nothing data-only crosses chunks and the step is eager's."""
+    from janus_compile.passes.symfold import folded_plan
+    from janus_compile.passes.unfolded_cuts import cuts_of, piece_of
+
+    _, joint, flat, ref = setup("painn")
+    part = partition_graph(joint.gm, 2, 2, "symfold", time_limit_s=10, replicate="always")
+    cuts = cuts_of(part.chunk_of_unit)
+    n = len(part.chunk_of_unit)
+    moved = next(
+        c for i in range(len(cuts)) for c in (cuts[:i] + [cuts[i] + 1] + cuts[i + 1 :], cuts[:i] + [cuts[i] - 1] + cuts[i + 1 :])
+        if all(a < b for a, b in zip([0] + c, c + [n]))
+    )
+    plan, node_times, out_bytes, replicas = folded_plan(
+        joint.gm, part.units, piece_of(moved, n), 4, set(part.replicas), part.node_times, part.out_bytes
+    )
+    assert plan.placement.chunk != part.plan.placement.chunk and replicas
+    assert all(c in node_times and c in out_bytes for g in plan.groups.values() for c in g.nodes if COPY_SUFFIX in c)
+    other = dataclasses.replace(part, plan=plan, node_times=node_times, out_bytes=out_bytes, replicas=replicas)
+    assert not (_crossing(other) & data_only_values(joint.gm.graph))
+    names = ["loss"] + joint.output_names + [f"grad_{p}" for p in joint.param_names]
+    for key, got in zip(names, plan.run(flat)):
+        assert_rel_close(got, ref[key], 1e-10, f"painn P=2 K=2, a boundary moved, {key}")
