@@ -113,8 +113,8 @@ def test_folded_plan_with_moved_boundaries_replicates_again_and_stays_exact():
         if all(a < b for a, b in zip([0] + c, c + [n]))
     )
     plan, node_times, out_bytes, replicas = folded_plan(
-        joint.gm, part.units, piece_of(moved, n), 4, set(part.replicas), part.node_times, part.out_bytes
-    )
+        joint.gm, part.units, piece_of(moved, n), 4, data_only_values(joint.gm.graph), part.node_times, part.out_bytes
+    )  # replicate="always": every data-only value
     assert plan.placement.chunk != part.plan.placement.chunk and replicas
     assert all(c in node_times and c in out_bytes for g in plan.groups.values() for c in g.nodes if COPY_SUFFIX in c)
     other = dataclasses.replace(part, plan=plan, node_times=node_times, out_bytes=out_bytes, replicas=replicas)

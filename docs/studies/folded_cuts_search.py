@@ -25,6 +25,7 @@ import time
 from janus_compile.bench import AUTO_MEMORY_FRACTION, BenchConfig, _prepare_sim_model, sim_microbatches
 from janus_compile.device_costs import load_device_costs
 from janus_compile.passes.memory import MemoryReplay
+from janus_compile.passes.replicate import choose_replicated
 from janus_compile.passes.symfold import folded_plan, partition_graph
 from janus_compile.passes.unfolded_cuts import cuts_of, descend_cuts, piece_of
 from janus_compile.passes.wavek import MAX_IN_FLIGHT_PER_STAGE, PipelineDAG, make_programs, wavek_search
@@ -60,7 +61,10 @@ def main():
             if part.problem.order != "chain":
                 print(f"{model} P={P} K={K}: the split left the chain order; skipped", flush=True)
                 continue
-            n, replicated = len(part.chunk_of_unit), set(part.replicas)
+            # the values partition_graph replicates (replicate="auto"): chosen on the graph,
+            # not the split, so a moved boundary copies them for its new readers too
+            n = len(part.chunk_of_unit)
+            replicated = choose_replicated(sm.joint.gm.graph, sm.node_times, part.out_bytes, bw)
 
             def build(cuts, modules=False, part=part, n=n, replicated=replicated):
                 cou = piece_of(cuts, n)
